@@ -1,0 +1,156 @@
+"""StitchConfig: which models run at which step, with the paper's operating points as presets.
+
+A run is a sequence of stages (DESIGN.md section 2):
+
+    stage 1          large model on all tokens (also fills the KV cache)
+    stage 2 .. n+1   small model on all tokens + large model on the top ``mask_ratios[j]`` share
+                     of tokens; the large output overwrites the small one there
+    stage n+2        small model only
+
+With ``mask_ratios = (r_1, ..., r_n)`` there are ``n + 1`` thresholds ``tau_1 > ... > tau_{n+1}``:
+the run leaves stage ``j`` after the first step whose difference ``d_i`` (Eq. 9) is below
+``tau_j``, one stage per step, never skipping a masked stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import HybridStitchError
+
+Method = Literal["hybridstitch", "large", "small", "t-stitch", "srdiffusion"]
+METHODS = ("hybridstitch", "large", "small", "t-stitch", "srdiffusion")
+
+
+@dataclass(frozen=True)
+class StitchConfig:
+    """What to run at each step.
+
+    Attributes:
+        method: ``hybridstitch`` (the method), or a baseline: ``large`` / ``small`` (one model
+            throughout), ``t-stitch`` (small first, then large), ``srdiffusion`` (large first,
+            then small once its criterion fires).
+        mask_ratios: share of image tokens the large model refines in each masked stage,
+            in (0, 1], non-increasing. HybridStitch only.
+        thresholds: ``len(mask_ratios) + 1`` stage-transition thresholds on ``d_i``,
+            strictly decreasing, >= 0 (a threshold of 0 never fires). HybridStitch only.
+        mask_mode: ``dynamic`` (recompute the mask every masked step, the paper's default) or
+            ``static`` (freeze the token scores on entering stage 2: the StaticMask ablation).
+        stage2_large: ``masked`` (large model on the masked tokens only, with the KV cache) or
+            ``full`` (large model on all tokens, only the masked region merged: the FullLarge
+            ablation).
+        tstitch_small_fraction: T-Stitch's share of steps run by the small model first. With
+            ``T`` steps the first large step is ``floor(f * T + 0.5)`` (0-based): 50 steps at
+            0.4 run steps 0-19 small and 20-49 large.
+        srdiffusion_threshold: SRDiffusion's switch criterion. With ``e_i = tanh(d_i)``, the run
+            switches to the small model after step ``i`` (i >= 2) when
+            ``0 <= e_{i-1} - e_i < srdiffusion_threshold``: the difference has stopped falling,
+            the sketch is done. Paper setting 0.005.
+        name: the preset name, or ``custom``.
+    """
+
+    method: Method = "hybridstitch"
+    mask_ratios: tuple[float, ...] = (0.3,)
+    thresholds: tuple[float, ...] = (0.5, 0.3)
+    mask_mode: Literal["dynamic", "static"] = "dynamic"
+    stage2_large: Literal["masked", "full"] = "masked"
+    tstitch_small_fraction: float = 0.4
+    srdiffusion_threshold: float = 0.005
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        # Accept lists from JSON/CLI; store tuples so configs stay hashable.
+        object.__setattr__(self, "mask_ratios", tuple(float(r) for r in self.mask_ratios))
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        if self.method not in METHODS:
+            raise HybridStitchError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.mask_mode not in ("dynamic", "static"):
+            raise HybridStitchError(f"mask_mode must be 'dynamic' or 'static', got {self.mask_mode!r}")
+        if self.stage2_large not in ("masked", "full"):
+            raise HybridStitchError(f"stage2_large must be 'masked' or 'full', got {self.stage2_large!r}")
+        if not 0.0 <= self.tstitch_small_fraction <= 1.0:
+            raise HybridStitchError(
+                f"tstitch_small_fraction must be in [0, 1], got {self.tstitch_small_fraction}"
+            )
+        if not self.srdiffusion_threshold >= 0.0:
+            raise HybridStitchError(f"srdiffusion_threshold must be >= 0, got {self.srdiffusion_threshold}")
+        if self.method == "hybridstitch":
+            self._validate_stitch()
+
+    def _validate_stitch(self) -> None:
+        ratios, taus = self.mask_ratios, self.thresholds
+        if not ratios:
+            raise HybridStitchError(
+                "HybridStitch needs at least one mask ratio, e.g. mask_ratios=(0.3,), thresholds=(0.5, 0.3); "
+                "use method='large' or 'small' for a single model"
+            )
+        if len(taus) != len(ratios) + 1:
+            raise HybridStitchError(
+                f"HybridStitch needs one more threshold than mask ratios: got {len(ratios)} ratio(s) "
+                f"{list(ratios)} and {len(taus)} threshold(s) {list(taus)}; e.g. mask_ratios=(0.3,) "
+                "takes thresholds=(0.5, 0.3)"
+            )
+        for r in ratios:
+            if not (0.0 < r <= 1.0) or math.isnan(r):
+                raise HybridStitchError(f"mask ratios must be in (0, 1], got {r} in {list(ratios)}")
+        if any(a < b for a, b in zip(ratios, ratios[1:])):
+            raise HybridStitchError(f"mask ratios must be non-increasing (larger masks first), got {list(ratios)}")
+        for t in taus:
+            if not t >= 0.0:
+                raise HybridStitchError(f"thresholds must be >= 0, got {t} in {list(taus)}")
+        if any(a <= b for a, b in zip(taus, taus[1:])):
+            raise HybridStitchError(f"thresholds must be strictly decreasing, got {list(taus)}")
+
+    # -- presets -------------------------------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str) -> "StitchConfig":
+        """A named operating point: ``StitchConfig.preset("hybridstitch-30")``."""
+        try:
+            kwargs = PRESETS[name]
+        except KeyError:
+            raise HybridStitchError(
+                f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)} "
+                "(or build a custom StitchConfig(mask_ratios=..., thresholds=...))"
+            ) from None
+        return cls(name=name, **kwargs)
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        return list(PRESETS)
+
+    def replace(self, **changes) -> "StitchConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def uses_masked_large(self) -> bool:
+        return self.method == "hybridstitch"
+
+    @property
+    def needs_kv_cache(self) -> bool:
+        """Full large steps store the cache only when a masked stage may read it."""
+        return self.method == "hybridstitch" and self.stage2_large == "masked"
+
+
+# The paper's operating points (SD3.5 Large + SD3 Medium, 50 steps; Tables 1-3).
+PRESETS: dict[str, dict] = {
+    "large": dict(method="large", mask_ratios=(), thresholds=()),
+    "small": dict(method="small", mask_ratios=(), thresholds=()),
+    "t-stitch": dict(method="t-stitch", mask_ratios=(), thresholds=(), tstitch_small_fraction=0.4),
+    "srdiffusion": dict(method="srdiffusion", mask_ratios=(), thresholds=(), srdiffusion_threshold=0.005),
+    "hybridstitch-10": dict(mask_ratios=(0.1,), thresholds=(0.3, 0.25)),
+    "hybridstitch-20": dict(mask_ratios=(0.2,), thresholds=(0.35, 0.25)),
+    "hybridstitch-30": dict(mask_ratios=(0.3,), thresholds=(0.5, 0.3)),
+    "hybridstitch-40": dict(mask_ratios=(0.4,), thresholds=(0.4, 0.3)),
+    "hybridstitch-30-static": dict(mask_ratios=(0.3,), thresholds=(0.5, 0.3), mask_mode="static"),
+    "hybridstitch-30-fulllarge": dict(mask_ratios=(0.3,), thresholds=(0.5, 0.3), stage2_large="full"),
+    "hybridstitch-20-10": dict(mask_ratios=(0.2, 0.1), thresholds=(0.5, 0.3, 0.2)),
+    "hybridstitch-30-10": dict(mask_ratios=(0.3, 0.1), thresholds=(0.5, 0.3, 0.2)),
+    "hybridstitch-40-30": dict(mask_ratios=(0.4, 0.3), thresholds=(0.6, 0.5, 0.3)),
+}

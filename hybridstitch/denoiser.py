@@ -1,0 +1,98 @@
+"""The interface every backend implements: one transformer, full or masked.
+
+The pipeline only talks to these methods, so the torch, ONNX Runtime and TensorRT backends
+are interchangeable. Tensors cross the interface as torch tensors on the pipeline's device;
+caches are opaque objects owned by one request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    """What the pipeline must know of a transformer, read from its diffusers config."""
+
+    in_channels: int
+    out_channels: int
+    patch_size: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    joint_attention_dim: int
+    pooled_projection_dim: int
+    pos_embed_max_size: int | None
+    dual_attention_layers: tuple[int, ...] = ()
+    qk_norm: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "TransformerSpec":
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        return cls(
+            in_channels=int(get("in_channels")),
+            out_channels=int(get("out_channels") or get("in_channels")),
+            patch_size=int(get("patch_size")),
+            num_layers=int(get("num_layers")),
+            num_heads=int(get("num_attention_heads")),
+            head_dim=int(get("attention_head_dim")),
+            joint_attention_dim=int(get("joint_attention_dim")),
+            pooled_projection_dim=int(get("pooled_projection_dim")),
+            pos_embed_max_size=get("pos_embed_max_size"),
+            dual_attention_layers=tuple(get("dual_attention_layers", ()) or ()),
+            qk_norm=get("qk_norm", None),
+        )
+
+    @property
+    def attention_slots(self) -> list[tuple[int, str]]:
+        """Every attention with an image-token KV cache: (layer, "attn" | "attn2")."""
+        slots = []
+        for i in range(self.num_layers):
+            slots.append((i, "attn"))
+            if i in self.dual_attention_layers:
+                slots.append((i, "attn2"))
+        return slots
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """One transformer behind a backend."""
+
+    spec: TransformerSpec
+    name: str
+
+    def forward(
+        self,
+        latents: torch.Tensor,  # [B, C, H, W]
+        prompt_embeds: torch.Tensor,  # [B, T, joint_attention_dim]
+        pooled: torch.Tensor,  # [B, pooled_projection_dim]
+        timestep: torch.Tensor,  # [B], sigma * 1000
+        cache: Any | None = None,
+    ) -> torch.Tensor:
+        """Full forward; returns the velocity [B, C, H, W]. With ``cache`` it also stores every
+        layer's image-token K/V there (large model only)."""
+        ...
+
+
+@runtime_checkable
+class MaskedDenoiser(Denoiser, Protocol):
+    """A large transformer that can also run on the masked tokens only."""
+
+    def new_cache(self, batch: int, height: int, width: int) -> Any:
+        """An empty KV cache for one request at this latent size."""
+        ...
+
+    def forward_masked(
+        self,
+        latents: torch.Tensor,  # [B, C, H, W]
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        timestep: torch.Tensor,
+        index: torch.Tensor,  # [B, k] int64, ascending
+        cache: Any,
+    ) -> torch.Tensor:
+        """Masked forward; returns the masked tokens' output [B, k, p*p*C] and updates ``cache``."""
+        ...

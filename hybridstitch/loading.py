@@ -1,0 +1,93 @@
+"""Reading local diffusers folders: transformers, scheduler, and the shared conditioner.
+
+Nothing is downloaded: every path must be a local folder. Errors say which folder and what
+it should contain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import HybridStitchError
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise HybridStitchError(f"could not read {path}: {e}; check the file is valid JSON and readable") from e
+
+
+def transformer_dir(folder: str, role: str) -> str:
+    """The folder holding the SD3 transformer's config.json: ``folder/transformer`` or ``folder`` itself."""
+    if not folder or not os.path.isdir(folder):
+        raise HybridStitchError(
+            f"the {role} checkpoint folder {folder!r} does not exist or is not a folder; pass a local diffusers "
+            f"pipeline folder (with transformer/) or a transformer folder (with config.json)"
+        )
+    for cand in (os.path.join(folder, "transformer"), folder):
+        cfg = os.path.join(cand, "config.json")
+        if os.path.isfile(cfg):
+            name = read_json(cfg).get("_class_name")
+            if name not in (None, "SD3Transformer2DModel"):
+                raise HybridStitchError(
+                    f"{cfg} describes a {name}, not an SD3Transformer2DModel; HybridStitch stitches SD3-family "
+                    f"transformers (SD3 Medium, SD3.5 Large/Medium)"
+                )
+            return cand
+    raise HybridStitchError(
+        f"no transformer found in the {role} folder {folder!r}: expected {folder}/transformer/config.json "
+        f"(a diffusers pipeline folder) or {folder}/config.json (a transformer folder)"
+    )
+
+
+def load_transformer(folder: str, role: str, torch_dtype=None):
+    from diffusers import SD3Transformer2DModel
+
+    path = transformer_dir(folder, role)
+    try:
+        return SD3Transformer2DModel.from_pretrained(path, torch_dtype=torch_dtype)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise HybridStitchError(
+            f"could not load the {role} transformer from {path}: {e}; check that the weights "
+            f"(diffusion_pytorch_model*.safetensors) are present, complete and match config.json"
+        ) from e
+
+
+def load_scheduler(folder: str):
+    """The large folder's FlowMatchEulerDiscreteScheduler, or SD3's default (shift 3.0)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched_dir = os.path.join(folder, "scheduler")
+    if os.path.isfile(os.path.join(sched_dir, "scheduler_config.json")):
+        try:
+            return FlowMatchEulerDiscreteScheduler.from_pretrained(sched_dir)
+        except (OSError, ValueError) as e:
+            raise HybridStitchError(f"could not load the scheduler from {sched_dir}: {e}") from e
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+
+def load_conditioner(folder: str, torch_dtype=None):
+    """The conditioner named by ``folder/model_index.json``, or None for transformer-only folders."""
+    from .conditioning import SD3Conditioner, TestbedConditioner
+
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        return None
+    index = read_json(index_path)
+    if "prompt_encoder" in index:
+        return TestbedConditioner.from_pretrained(folder, torch_dtype=torch_dtype)
+    if "text_encoder" in index and "vae" in index:
+        missing = [c for c in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae") if not os.path.isdir(os.path.join(folder, c))]
+        if missing:
+            raise HybridStitchError(
+                f"{index_path} names text encoders and a VAE, but {', '.join(missing)} is missing from {folder}; "
+                "copy the whole diffusers pipeline folder, or pass prompt_embeds with output_type='latent'"
+            )
+        try:
+            return SD3Conditioner.from_pretrained(folder, torch_dtype=torch_dtype)
+        except (OSError, ValueError) as e:
+            raise HybridStitchError(f"could not load the text encoders / VAE from {folder}: {e}") from e
+    return None

@@ -1,0 +1,346 @@
+"""The pipeline users call: ``HybridStitchPipeline.from_pretrained(large=..., small=...)(prompt=...)``.
+
+``__call__`` reads top to bottom as numbered steps, like diffusers' SD3 pipeline; the
+denoising loop asks the :class:`~hybridstitch.policy.StagePolicy` what to run and calls the
+models through the :class:`~hybridstitch.denoiser.Denoiser` interface only, so any backend
+(torch, ONNX Runtime, TensorRT) drives the same method.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .conditioning import Conditioning, no_conditioner_error
+from .config import StitchConfig
+from .denoiser import Denoiser, MaskedDenoiser, TransformerSpec
+from .errors import HybridStitchError
+from .masks import select_mask, token_scores, tokens_for_ratio
+from .metrics import predict_x0, relative_l1
+from .policy import StagePolicy
+from .tokens import gather_tokens, merge_masked, patchify
+from .trace import StepRecord, Trace
+
+DEFAULT_PRESET = "hybridstitch-30"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so per-call timings count the device time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class HybridStitchOutput:
+    images: Any  # list of PIL images, or the latents [B, C, h, w] with output_type="latent"
+    trace: Trace
+
+
+def check_pair(large: TransformerSpec, small: TransformerSpec) -> None:
+    """The two transformers must share the latent space and the text conditioning."""
+    for field, what in (
+        ("in_channels", "latent channels"),
+        ("out_channels", "output channels"),
+        ("patch_size", "patch size"),
+        ("joint_attention_dim", "text embedding width (joint_attention_dim)"),
+        ("pooled_projection_dim", "pooled text embedding width (pooled_projection_dim)"),
+    ):
+        a, b = getattr(large, field), getattr(small, field)
+        if a != b:
+            raise HybridStitchError(
+                f"the large and small transformers differ in {what}: {a} vs {b}. HybridStitch stitches two models "
+                "of one family that share the VAE latent space and text encoders (e.g. SD3.5 Large + SD3 Medium); "
+                "choose a matching pair"
+            )
+
+
+class HybridStitchPipeline:
+    """HybridStitch over a large and a small SD3-family transformer."""
+
+    def __init__(
+        self,
+        large: MaskedDenoiser,
+        small: Denoiser,
+        scheduler,
+        conditioner=None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        default_sample_size: int | None = None,
+        vae_scale_factor: int | None = None,
+    ):
+        check_pair(large.spec, small.spec)
+        self.large = large
+        self.small = small
+        self.scheduler = scheduler
+        self.conditioner = conditioner
+        self.device = torch.device(device)
+        self.dtype = dtype
+        if vae_scale_factor is None:
+            # Transformer-only folders: SD3's VAE downsamples by 8.
+            vae_scale_factor = conditioner.vae_scale_factor if conditioner is not None else 8
+        self.vae_scale_factor = vae_scale_factor
+        self.default_sample_size = default_sample_size
+        self.backend = getattr(large, "backend", "torch")
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        large: str,
+        small: str,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> "HybridStitchPipeline":
+        """Load two local diffusers folders (large, small). Text encoders and VAE are shared and
+        come from the large folder; folders with only ``transformer/`` work with ``prompt_embeds``
+        and ``output_type="latent"``."""
+        from hybridstitch.engine.torch_backend import TorchDenoiser
+
+        from .loading import load_conditioner, load_scheduler, load_transformer
+
+        large_model = load_transformer(large, "large", torch_dtype).to(device)
+        small_model = load_transformer(small, "small", torch_dtype).to(device)
+        check_pair(TransformerSpec.from_config(large_model.config), TransformerSpec.from_config(small_model.config))
+        conditioner = load_conditioner(large, torch_dtype)
+        if conditioner is not None:
+            conditioner.to(device)
+        return cls(
+            TorchDenoiser(large_model, "large"),
+            TorchDenoiser(small_model, "small"),
+            load_scheduler(large),
+            conditioner,
+            device=device,
+            dtype=torch_dtype or torch.float32,
+            default_sample_size=large_model.config.sample_size,
+        )
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def _check_size(self, height: int, width: int) -> tuple[int, int]:
+        p = self.large.spec.patch_size
+        mult = self.vae_scale_factor * p
+        if height <= 0 or width <= 0 or height % mult or width % mult:
+            raise HybridStitchError(
+                f"height and width must be positive multiples of {mult} (VAE scale {self.vae_scale_factor} x patch {p}); "
+                f"got {height}x{width}. Try {max(mult, height // mult * mult)}x{max(mult, width // mult * mult)}"
+            )
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        for den in (self.large, self.small):
+            limit = den.spec.pos_embed_max_size
+            if limit is not None and (h // p > limit or w // p > limit):
+                most = limit * p * self.vae_scale_factor
+                raise HybridStitchError(
+                    f"{height}x{width} is beyond the {den.name} transformer's positional embedding "
+                    f"(pos_embed_max_size {limit} patches per side): use height and width of at most {most}"
+                )
+        return h, w
+
+    def _conditioning(
+        self, prompt, negative_prompt, prompt_embeds, pooled_prompt_embeds,
+        negative_prompt_embeds, negative_pooled_prompt_embeds, do_cfg, num_images_per_prompt,
+    ) -> tuple[Conditioning, int]:
+        if (prompt is None) == (prompt_embeds is None):
+            raise HybridStitchError("pass exactly one of `prompt` or `prompt_embeds` (with `pooled_prompt_embeds`)")
+        if prompt is not None:
+            if self.conditioner is None:
+                raise no_conditioner_error()
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if negative_prompt is None:
+                negs = [""] * len(prompts)
+            else:
+                negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+                if len(negs) == 1 and len(prompts) > 1:
+                    negs = negs * len(prompts)
+                if len(negs) != len(prompts):
+                    raise HybridStitchError(
+                        f"got {len(prompts)} prompts but {len(negs)} negative prompts; pass one negative prompt or one per prompt"
+                    )
+            prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+            negs = [n for n in negs for _ in range(num_images_per_prompt)]
+            cond = self.conditioner.encode(prompts, negs, do_cfg, self.device)
+            return Conditioning(cond.prompt_embeds.to(self.dtype), cond.pooled.to(self.dtype)), len(prompts)
+
+        if pooled_prompt_embeds is None:
+            raise HybridStitchError("`prompt_embeds` needs `pooled_prompt_embeds` too (as in diffusers' SD3 pipeline)")
+        spec = self.large.spec
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != spec.joint_attention_dim:
+            raise HybridStitchError(
+                f"prompt_embeds must be [batch, tokens, {spec.joint_attention_dim}], got {list(prompt_embeds.shape)}"
+            )
+        if pooled_prompt_embeds.shape != (prompt_embeds.shape[0], spec.pooled_projection_dim):
+            raise HybridStitchError(
+                f"pooled_prompt_embeds must be [{prompt_embeds.shape[0]}, {spec.pooled_projection_dim}], "
+                f"got {list(pooled_prompt_embeds.shape)}"
+            )
+        pe, ppe = prompt_embeds, pooled_prompt_embeds
+        if num_images_per_prompt > 1:
+            pe, ppe = pe.repeat_interleave(num_images_per_prompt, 0), ppe.repeat_interleave(num_images_per_prompt, 0)
+        batch = pe.shape[0]
+        if do_cfg:
+            if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
+                raise HybridStitchError(
+                    "guidance_scale > 1 with prompt_embeds needs negative_prompt_embeds and negative_pooled_prompt_embeds "
+                    "(or set guidance_scale=1.0 to turn guidance off)"
+                )
+            npe, nppe = negative_prompt_embeds, negative_pooled_prompt_embeds
+            if npe.shape != prompt_embeds.shape or nppe.shape != pooled_prompt_embeds.shape:
+                raise HybridStitchError("negative_prompt_embeds / negative_pooled_prompt_embeds must match the positive ones' shapes")
+            if num_images_per_prompt > 1:
+                npe, nppe = npe.repeat_interleave(num_images_per_prompt, 0), nppe.repeat_interleave(num_images_per_prompt, 0)
+            pe, ppe = torch.cat([npe, pe]), torch.cat([nppe, ppe])
+        return Conditioning(pe.to(self.device, self.dtype), ppe.to(self.device, self.dtype)), batch
+
+    # -- the call -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        config: StitchConfig | str | None = None,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 7.0,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        progress: bool = True,
+    ) -> HybridStitchOutput:
+        t_start = time.perf_counter()
+        # 1. Check inputs
+        if config is None:
+            config = StitchConfig.preset(DEFAULT_PRESET)
+        elif isinstance(config, str):
+            config = StitchConfig.preset(config)
+        elif not isinstance(config, StitchConfig):
+            raise HybridStitchError(f"config must be a StitchConfig or a preset name, got {type(config).__name__}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise HybridStitchError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if output_type not in ("pil", "latent"):
+            raise HybridStitchError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        if output_type == "pil" and self.conditioner is None:
+            raise no_conditioner_error()
+        if num_images_per_prompt < 1:
+            raise HybridStitchError("num_images_per_prompt must be >= 1")
+        default = (self.default_sample_size or 128) * self.vae_scale_factor
+        height, width = height or default, width or default
+        h, w = self._check_size(height, width)
+        do_cfg = guidance_scale > 1.0
+
+        # 2. Encode the prompt (shared by both models)
+        cond, batch = self._conditioning(
+            prompt, negative_prompt, prompt_embeds, pooled_prompt_embeds,
+            negative_prompt_embeds, negative_pooled_prompt_embeds, do_cfg, num_images_per_prompt,
+        )
+
+        # 3. Prepare latents: [B, C, h, w]
+        shape = (batch, self.large.spec.in_channels, h, w)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise HybridStitchError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
+            latents = latents.to(self.device, self.dtype)
+
+        # 4. Timesteps: a private scheduler per request, so concurrent calls never share a step index
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = scheduler.timesteps
+        sigmas = scheduler.sigmas.tolist()
+
+        # 5. Denoise
+        trace = Trace(config=config.to_dict(), num_steps=num_inference_steps, height=height, width=width,
+                      batch=batch, backend=self.backend)
+        latents = self._denoise(latents, cond, config, timesteps, sigmas, scheduler, guidance_scale, do_cfg, trace, progress)
+
+        # 6. Decode
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.conditioner.decode(latents)
+        trace.total_seconds = time.perf_counter() - t_start
+        return HybridStitchOutput(images=images, trace=trace)
+
+    def _denoise(self, latents, cond, config, timesteps, sigmas, scheduler, guidance_scale, do_cfg, trace, progress):
+        p = self.large.spec.patch_size
+        _, _, h, w = latents.shape
+        num_tokens = (h // p) * (w // p)
+        cfg_batch = latents.shape[0] * (2 if do_cfg else 1)
+        policy = StagePolicy(config, len(timesteps))
+        cache = None
+        if config.needs_kv_cache:
+            cache = self.large.new_cache(cfg_batch, h, w)  # owned by this request only
+        x0_prev = None
+        scores = None  # [B, N]: token instability from the latest two x0 estimates
+        frozen_scores = None  # StaticMask: the scores on entering the first masked stage
+
+        def call(record: StepRecord, name: str, fn):
+            synchronize(self.device)
+            t0 = time.perf_counter()
+            out = fn()
+            synchronize(self.device)
+            record.seconds[name] = record.seconds.get(name, 0.0) + time.perf_counter() - t0
+            return out
+
+        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=config.name, leave=False)):
+            t_step = time.perf_counter()
+            stage = policy.stage_for_step(i)
+            rec = StepRecord(step=i, timestep=float(t), sigma=sigmas[i], stage=stage.index,
+                             stage_kind=stage.kind, d=None, mask_ratio=stage.mask_ratio)
+            latent_in = torch.cat([latents, latents]) if do_cfg else latents  # [B', C, h, w]
+            timestep = t.expand(latent_in.shape[0])
+            args = (latent_in, cond.prompt_embeds, cond.pooled, timestep)
+
+            if stage.kind == "large":
+                v = call(rec, "large", lambda: self.large.forward(*args, cache=cache))
+            elif stage.kind == "small":
+                v = call(rec, "small", lambda: self.small.forward(*args))
+            else:
+                if scores is None:
+                    raise AssertionError("a masked stage needs two earlier x0 estimates")  # policy guarantees it
+                if config.mask_mode == "static" and frozen_scores is None:
+                    frozen_scores = scores
+                k = tokens_for_ratio(stage.mask_ratio, num_tokens)
+                index = select_mask(frozen_scores if config.mask_mode == "static" else scores, k)  # [B, k]
+                index_in = torch.cat([index, index]) if do_cfg else index  # one mask for both CFG halves
+                rec.masked_tokens = k
+                v_small = call(rec, "small", lambda: self.small.forward(*args))
+                if config.stage2_large == "masked":
+                    tokens = call(rec, "large_masked", lambda: self.large.forward_masked(*args, index=index_in, cache=cache))
+                else:  # FullLarge ablation: the whole large model, only the masked region merged
+                    v_large = call(rec, "large", lambda: self.large.forward(*args))
+                    tokens = gather_tokens(patchify(v_large, p), index_in)
+                v = merge_masked(v_small, tokens, index_in, p)
+                bucket = getattr(self.large, "last_bucket", None)
+                rec.bucket_ratio = bucket if config.stage2_large == "masked" else None
+
+            if do_cfg:
+                v_uncond, v_text = v.chunk(2)
+                v = v_uncond + guidance_scale * (v_text - v_uncond)
+
+            # Eq. 10 and Eq. 9 on the guided prediction
+            x0 = predict_x0(latents, v, sigmas[i])
+            if x0_prev is not None:
+                rec.d = relative_l1(x0, x0_prev)
+                scores = token_scores(x0, x0_prev, p)
+            policy.observe(i, rec.d)
+            x0_prev = x0
+
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+            rec.overhead_seconds = max(0.0, time.perf_counter() - t_step - sum(rec.seconds.values()))
+            trace.steps.append(rec)
+
+        trace.switch_steps = list(policy.switch_steps)
+        return latents

@@ -1,0 +1,15 @@
+"""The cached-KV concat attention op, ``hybridstitch::CachedKVAttention``.
+
+One definition (:mod:`.cached_kv`), used by every backend: the torch reference and
+``torch.library`` custom op, its ONNX form, the Triton kernel and the TensorRT plugin.
+"""
+
+from .cached_kv import OP_DOMAIN, OP_NAME, OP_VERSION, cached_kv_attention, cached_kv_attention_reference
+
+__all__ = [
+    "OP_DOMAIN",
+    "OP_NAME",
+    "OP_VERSION",
+    "cached_kv_attention",
+    "cached_kv_attention_reference",
+]
