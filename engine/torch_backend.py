@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from hybridstitch.denoiser import TransformerSpec
 from hybridstitch.plugins import cached_kv_attention
+from hybridstitch.masks import tokens_for_ratio
 from hybridstitch.tokens import gather_tokens
 
 
@@ -156,6 +157,12 @@ class TorchDenoiser:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def validate_request(self, batch: int, height: int, width: int, config) -> None:
+        """Eager torch serves any batch, size and ratio (size limits are checked by the pipeline)."""
+
+    def masked_token_count(self, ratio: float, num_tokens: int) -> tuple[int, float]:
+        return tokens_for_ratio(ratio, num_tokens), ratio
 
     def new_cache(self, batch: int, height: int, width: int) -> TorchKVCache:
         p = self.spec.patch_size

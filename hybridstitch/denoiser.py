@@ -76,10 +76,20 @@ class Denoiser(Protocol):
         layer's image-token K/V there (large model only)."""
         ...
 
+    def validate_request(self, batch: int, height: int, width: int, config: Any) -> None:
+        """Raise HybridStitchError if this backend cannot serve the request (batch includes the
+        CFG doubling; height/width are latent sizes). Called before any model work."""
+        ...
+
 
 @runtime_checkable
 class MaskedDenoiser(Denoiser, Protocol):
     """A large transformer that can also run on the masked tokens only."""
+
+    def masked_token_count(self, ratio: float, num_tokens: int) -> tuple[int, float]:
+        """How many tokens a masked stage of ``ratio`` refines, and the ratio (bucket) that serves it.
+        Free-shape backends return ``(ceil(ratio * N), ratio)``."""
+        ...
 
     def new_cache(self, batch: int, height: int, width: int) -> Any:
         """An empty KV cache for one request at this latent size."""

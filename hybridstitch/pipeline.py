@@ -20,7 +20,7 @@ from .conditioning import Conditioning, no_conditioner_error
 from .config import StitchConfig
 from .denoiser import Denoiser, MaskedDenoiser, TransformerSpec
 from .errors import HybridStitchError
-from .masks import select_mask, token_scores, tokens_for_ratio
+from .masks import select_mask, token_scores
 from .metrics import predict_x0, relative_l1
 from .policy import StagePolicy
 from .tokens import gather_tokens, merge_masked, patchify
@@ -279,6 +279,9 @@ class HybridStitchPipeline:
         num_tokens = (h // p) * (w // p)
         cfg_batch = latents.shape[0] * (2 if do_cfg else 1)
         policy = StagePolicy(config, len(timesteps))
+        # Backends with fixed shapes (engines) refuse a request they cannot serve before any work.
+        self.large.validate_request(cfg_batch, h, w, config)
+        self.small.validate_request(cfg_batch, h, w, config)
         cache = None
         if config.needs_kv_cache:
             cache = self.large.new_cache(cfg_batch, h, w)  # owned by this request only
@@ -312,7 +315,8 @@ class HybridStitchPipeline:
                     raise AssertionError("a masked stage needs two earlier x0 estimates")  # policy guarantees it
                 if config.mask_mode == "static" and frozen_scores is None:
                     frozen_scores = scores
-                k = tokens_for_ratio(stage.mask_ratio, num_tokens)
+                # Engines with fixed buckets may serve the ratio with a larger bucket.
+                k, bucket = self.large.masked_token_count(stage.mask_ratio, num_tokens)
                 index = select_mask(frozen_scores if config.mask_mode == "static" else scores, k)  # [B, k]
                 index_in = torch.cat([index, index]) if do_cfg else index  # one mask for both CFG halves
                 rec.masked_tokens = k
@@ -323,8 +327,7 @@ class HybridStitchPipeline:
                     v_large = call(rec, "large", lambda: self.large.forward(*args))
                     tokens = gather_tokens(patchify(v_large, p), index_in)
                 v = merge_masked(v_small, tokens, index_in, p)
-                bucket = getattr(self.large, "last_bucket", None)
-                rec.bucket_ratio = bucket if config.stage2_large == "masked" else None
+                rec.bucket_ratio = bucket
 
             if do_cfg:
                 v_uncond, v_text = v.chunk(2)
