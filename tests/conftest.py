@@ -74,3 +74,61 @@ def text_inputs(batch: int, tokens: int = 7, seed: int = 0):
         negative_prompt_embeds=torch.randn(batch, tokens, JOINT_DIM, generator=g),
         negative_pooled_prompt_embeds=torch.randn(batch, POOLED_DIM, generator=g),
     )
+
+
+def build_tiny_sd3_pipeline(transformer):
+    """A complete diffusers ``StableDiffusion3Pipeline`` with tiny CLIP-L/G, T5 and VAE, all local.
+
+    No hub: the tokenizers are built from a character vocabulary (CLIP BPE) and a word-level
+    vocabulary (T5). Widths fit the tiny transformers: CLIP hidden 8+8 padded to T5's 32 =
+    joint_attention_dim; pooled = 8+8 = 16 = pooled_projection_dim.
+    """
+    import json
+    import tempfile
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(d, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        clip_tok = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), model_max_length=77)
+    # A Unigram vocabulary, the model type transformers' T5 tokenizer reloads
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581a", -1.0), ("\u2581cat", -1.0), ("\u2581dog", -1.0)]
+    words = Tokenizer(models.Unigram(pieces, unk_id=2))
+    words.pre_tokenizer = pre_tokenizers.Metaspace()
+    t5_tok = T5TokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
+    t5_tok.model_max_length = 256
+
+    def clip(seed):
+        torch.manual_seed(seed)
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+    torch.manual_seed(3)
+    t5 = T5EncoderModel(T5Config(vocab_size=8, d_model=JOINT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
+        norm_num_groups=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip(1), tokenizer=clip_tok, text_encoder_2=clip(2), tokenizer_2=clip_tok,
+        text_encoder_3=t5, tokenizer_3=t5_tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dirs(tmp_path_factory, tiny_dirs):
+    """A full SD3 pipeline folder as the large model, a transformer-only folder as the small."""
+    root = tmp_path_factory.mktemp("sd3full")
+    pipe = build_tiny_sd3_pipeline(tiny_transformer("large", 0))
+    pipe.save_pretrained(str(root / "large"))
+    return str(root / "large"), tiny_dirs[1]
