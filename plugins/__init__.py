@@ -4,7 +4,14 @@ One definition (:mod:`.cached_kv`), used by every backend: the torch reference a
 ``torch.library`` custom op, its ONNX form, the Triton kernel and the TensorRT plugin.
 """
 
-from .cached_kv import OP_DOMAIN, OP_NAME, OP_VERSION, cached_kv_attention, cached_kv_attention_reference
+from .cached_kv import (
+    OP_DOMAIN,
+    OP_NAME,
+    OP_VERSION,
+    cached_kv_attention,
+    cached_kv_attention_reference,
+    export_mode,
+)
 
 __all__ = [
     "OP_DOMAIN",
@@ -12,4 +19,5 @@ __all__ = [
     "OP_VERSION",
     "cached_kv_attention",
     "cached_kv_attention_reference",
+    "export_mode",
 ]
