@@ -112,7 +112,7 @@ class TestbedConditioner:
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         cfg = self.vae.config
         latents = latents / cfg.scaling_factor + cfg.shift_factor
-        return to_pil(self.vae.decode(latents))
+        return to_pil(self.vae.decode(latents, return_dict=False)[0])
 
 
 def no_conditioner_error() -> HybridStitchError:

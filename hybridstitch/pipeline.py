@@ -20,6 +20,7 @@ from .conditioning import Conditioning, no_conditioner_error
 from .config import StitchConfig
 from .denoiser import Denoiser, MaskedDenoiser, TransformerSpec
 from .errors import HybridStitchError
+from .latency_model import warn_if_bound_violated
 from .masks import select_mask, token_scores
 from .metrics import predict_x0, relative_l1
 from .policy import StagePolicy
@@ -120,6 +121,64 @@ class HybridStitchPipeline:
             default_sample_size=large_model.config.sample_size,
         )
 
+    @classmethod
+    def from_engines(
+        cls,
+        engine_dir: str,
+        providers=None,
+        num_threads: int | None = None,
+        conditioner_folder: str | None = None,
+        backend: str | None = None,
+        check_weights: bool = True,
+        verify_files: bool = True,
+        torch_dtype: torch.dtype | None = None,
+    ) -> "HybridStitchPipeline":
+        """Run the method on exported engines (``hybridstitch-export --out engine_dir``).
+
+        The engines, their manifest and (when still on disk) the source weights are checked before
+        anything runs; requests are then checked against the manifest's resolution, batch and
+        buckets. The text encoders / VAE come from ``conditioner_folder``, else from the large
+        checkpoint folder recorded in the manifest (none: pass ``prompt_embeds`` and
+        ``output_type="latent"``). ``backend`` defaults to the manifest's; ``providers`` (CPU by
+        default; ``"cuda"``, ``"tensorrt"`` with onnxruntime-gpu) and ``num_threads`` go to ONNX Runtime.
+        """
+        import os
+
+        from .loading import load_conditioner
+
+        if backend not in (None, "onnxruntime"):
+            raise HybridStitchError(
+                f"backend {backend!r} cannot run engines in this hybridstitch build; export and run ONNX Runtime "
+                "engines (hybridstitch-export --backend onnxruntime)"
+            )
+        from hybridstitch.engine.onnxruntime_backend import load_engines
+
+        engines = load_engines(engine_dir, providers=providers, num_threads=num_threads,
+                               check_weights=check_weights, verify_files=verify_files)
+        manifest = engines.manifest
+        vae_scale = int(manifest.resolution["vae_scale_factor"])
+        if conditioner_folder is not None and not os.path.isdir(conditioner_folder):
+            raise HybridStitchError(f"conditioner_folder {conditioner_folder!r} does not exist or is not a folder")
+        folder = conditioner_folder or manifest.models["large"]["path"]
+        conditioner = load_conditioner(folder, torch_dtype) if os.path.isdir(folder) else None
+        if conditioner is not None:
+            if conditioner.vae_scale_factor != vae_scale:
+                raise HybridStitchError(
+                    f"the conditioner in {folder} has VAE scale factor {conditioner.vae_scale_factor}, the engines were "
+                    f"exported for {vae_scale}; use the conditioner of the exported checkpoints"
+                )
+            conditioner.to(engines.device)
+        return cls(
+            engines.large,
+            engines.small,
+            engines.scheduler(),
+            conditioner,
+            device=engines.device,
+            dtype=torch_dtype or torch.float32,
+            default_sample_size=int(manifest.resolution["latent_height"]),
+            vae_scale_factor=vae_scale,
+        )
+
     # -- checks ------------------------------------------------------------------------------
 
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
@@ -217,6 +276,7 @@ class HybridStitchPipeline:
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
         progress: bool = True,
+        record_masks: bool = False,
     ) -> HybridStitchOutput:
         t_start = time.perf_counter()
         # 1. Check inputs
@@ -263,7 +323,11 @@ class HybridStitchPipeline:
         # 5. Denoise
         trace = Trace(config=config.to_dict(), num_steps=num_inference_steps, height=height, width=width,
                       batch=batch, backend=self.backend)
-        latents = self._denoise(latents, cond, config, timesteps, sigmas, scheduler, guidance_scale, do_cfg, trace, progress)
+        latents = self._denoise(
+            latents, cond, config, timesteps, sigmas, scheduler, guidance_scale, do_cfg, trace, progress, record_masks
+        )
+        # The mask-ratio bound t_l(r) + t_s < t_l on this run's own call times: warn once per config.
+        warn_if_bound_violated(config, trace, self.__dict__.setdefault("_latency_bound_warned", set()))
 
         # 6. Decode
         if output_type == "latent":
@@ -273,7 +337,7 @@ class HybridStitchPipeline:
         trace.total_seconds = time.perf_counter() - t_start
         return HybridStitchOutput(images=images, trace=trace)
 
-    def _denoise(self, latents, cond, config, timesteps, sigmas, scheduler, guidance_scale, do_cfg, trace, progress):
+    def _denoise(self, latents, cond, config, timesteps, sigmas, scheduler, guidance_scale, do_cfg, trace, progress, record_masks):
         p = self.large.spec.patch_size
         _, _, h, w = latents.shape
         num_tokens = (h // p) * (w // p)
@@ -320,6 +384,8 @@ class HybridStitchPipeline:
                 index = select_mask(frozen_scores if config.mask_mode == "static" else scores, k)  # [B, k]
                 index_in = torch.cat([index, index]) if do_cfg else index  # one mask for both CFG halves
                 rec.masked_tokens = k
+                if record_masks:
+                    rec.mask_index = index.tolist()
                 v_small = call(rec, "small", lambda: self.small.forward(*args))
                 if config.stage2_large == "masked":
                     tokens = call(rec, "large_masked", lambda: self.large.forward_masked(*args, index=index_in, cache=cache))

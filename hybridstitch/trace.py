@@ -22,6 +22,7 @@ class StepRecord:
     masked_tokens: int = 0  # per sample
     seconds: dict[str, float] = field(default_factory=dict)  # model call -> seconds
     overhead_seconds: float = 0.0  # time in the step outside model calls
+    mask_index: list[list[int]] | None = None  # per sample, the masked token positions (record_masks=True)
 
 
 @dataclass

@@ -58,7 +58,8 @@ def cached_kv_attention_export(
     index: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op as one opaque call for ``torch.export``; eager calls run the reference."""
-    return cached_kv_attention_reference(query, key, value, cache_k, cache_v, index)
+    out, new_k, new_v = cached_kv_attention_reference(query, key, value, cache_k, cache_v, index)
+    return out.contiguous(), new_k, new_v  # the fake promises query's (contiguous) layout
 
 
 @cached_kv_attention_export.register_fake

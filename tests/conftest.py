@@ -132,3 +132,17 @@ def tiny_sd3_dirs(tmp_path_factory, tiny_dirs):
     pipe = build_tiny_sd3_pipeline(tiny_transformer("large", 0))
     pipe.save_pretrained(str(root / "large"))
     return str(root / "large"), tiny_dirs[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_dirs, tmp_path_factory):
+    """ONNX Runtime engines of the tiny pair, exported once per session: 64x64 pixels (8x8 latent,
+    16 image tokens), batch 2 (one image with CFG), 7 text tokens, buckets 0.1 and 0.3, fp32.
+    Tests that damage an engine folder work on a copy."""
+    from hybridstitch.export import ExportRequest, export_engines
+
+    out = str(tmp_path_factory.mktemp("engines"))
+    req = ExportRequest(large=tiny_dirs[0], small=tiny_dirs[1], height=64, width=64, batch=2,
+                        buckets=(0.1, 0.3), text_tokens=7)
+    export_engines(req, out, progress=False)
+    return out, req

@@ -1,0 +1,483 @@
+"""The ONNX Runtime backend: exported engines behind the :class:`~hybridstitch.denoiser.Denoiser` interface.
+
+    engines = load_engines("engines/", providers=None, num_threads=4)
+    pipe = HybridStitchPipeline.from_engines("engines/")          # the same, wired into a pipeline
+
+Everything checkable is checked when the engines load, before any request: the manifest (format,
+version, backend, completeness), every graph file (size, and sha256 unless
+``verify_files=False``), the source weights when their folder is still there (size and
+mtime, re-hashing a file only when those moved), and each session's input/output names,
+shapes and dtypes against the manifest. A request is checked against the manifest by
+:meth:`validate_request` before the pipeline does any model work.
+
+Runtime:
+
+* One ``InferenceSession`` per graph, made once. Each large session (full + every bucket)
+  holds its own copy of the large weights: handing every session one shared copy with
+  ``SessionOptions.add_initializer`` saved little on the CPU provider (it prepacks MatMul
+  weights per session, and parses the inline weights of each file anyway), so it is not done.
+* Every call runs through IO binding: torch inputs and outputs are bound by pointer (no
+  numpy round trip), in the engine precision; fp16 engines get their inputs cast at the
+  boundary and return outputs in the caller's dtype.
+* The KV cache (:class:`OrtKVCache`) lives in ``OrtValue``s between steps, never in numpy or
+  torch. A full large step writes the caches in place (its cache outputs are bound to the
+  cache's buffers). A masked step reads the current buffers and writes the updated caches into
+  a second set of buffers, then the two sets swap: ONNX Runtime cannot alias an output onto an
+  input, so double buffering is what avoids a copy. A cache therefore holds 2 x
+  (slots x 2 x B x H x N x D) elements.
+
+Buckets (:meth:`OrtLargeDenoiser.masked_token_count`): a masked stage of ratio ``r`` needs
+``ceil(r * N)`` tokens; it is served by the smallest bucket with at least that many tokens
+(the next larger bucket when ``r`` has none of its own: the pipeline's trace records the
+bucket's ratio next to the configured one for each step). A ratio above the largest bucket is
+a :class:`HybridStitchError` naming the buckets and the ``--buckets`` to re-export with.
+
+Providers: CPU by default. ``providers=["cuda"]`` or ``["tensorrt"]`` (or full names such as
+``"CUDAExecutionProvider"``, optionally ``(name, options)`` pairs) need ``onnxruntime-gpu``;
+they are checked when asked for, never required. Intra-op threads: ``num_threads``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from hybridstitch.denoiser import TransformerSpec
+from hybridstitch.errors import HybridStitchError
+from hybridstitch.masks import tokens_for_ratio
+
+log = logging.getLogger(__name__)
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+NUMPY_DTYPES = {"float": np.float32, "float16": np.float16, "int64": np.int64}
+TORCH_DTYPES = {"float": torch.float32, "float16": torch.float16, "int64": torch.int64}
+ORT_TYPES = {"float": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:  # pragma: no cover - onnxruntime is a core dependency
+        raise HybridStitchError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from e
+    return onnxruntime
+
+
+def resolve_providers(providers=None) -> list:
+    """Execution providers by alias or full name, checked against this onnxruntime build; CPU last as fallback."""
+    ort = _ort()
+    if providers is None:
+        providers = ["cpu"]
+    if isinstance(providers, str):
+        providers = [providers]
+    available = ort.get_available_providers()
+    out = []
+    for p in providers:
+        name, options = (p if isinstance(p, (tuple, list)) else (p, None))
+        name = PROVIDER_ALIASES.get(str(name).lower(), name)
+        if name not in available:
+            hint = (
+                "install onnxruntime-gpu (pip install hybridstitch[gpu]; it replaces the CPU-only onnxruntime wheel)"
+                if name in GPU_PROVIDERS else f"use one of {', '.join(available)}"
+            )
+            raise HybridStitchError(
+                f"execution provider {name} is not available in this onnxruntime build "
+                f"({ort.__version__}: {', '.join(available)}); {hint}"
+            )
+        out.append((name, options) if options else name)
+    names = [p[0] if isinstance(p, tuple) else p for p in out]
+    if "CPUExecutionProvider" not in names:
+        out.append("CPUExecutionProvider")
+    return out
+
+
+def provider_device(providers: list) -> torch.device:
+    """Where the engines' inputs and outputs live: the GPU for CUDA / TensorRT, else the CPU."""
+    first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    if first in GPU_PROVIDERS:
+        options = providers[0][1] if isinstance(providers[0], tuple) else None
+        return torch.device("cuda", int((options or {}).get("device_id", 0)))
+    return torch.device("cpu")
+
+
+def session_options(num_threads: int | None):
+    ort = _ort()
+    so = ort.SessionOptions()
+    if num_threads is not None:
+        if num_threads < 1:
+            raise HybridStitchError(f"num_threads must be >= 1, got {num_threads}")
+        so.intra_op_num_threads = int(num_threads)
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only: the custom domain's schema warnings are expected
+    return so
+
+
+# -- one graph ---------------------------------------------------------------------------------------
+
+
+class OrtGraph:
+    """One engine: an ``InferenceSession`` and its manifest entry, run through IO binding."""
+
+    def __init__(self, name: str, entry, folder: str, providers: list, options, device: torch.device):
+        ort = _ort()
+        self.name, self.entry, self.device = name, entry, device
+        path = os.path.join(folder, entry.file)
+        try:
+            self.session = ort.InferenceSession(path, options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise HybridStitchError(
+                f"onnxruntime could not load the {name} engine {path}: {type(e).__name__}: {e}. The file may be "
+                f"corrupted or from another onnxruntime; re-export it (hybridstitch-export ... --out {folder})"
+            ) from e
+        self._check_io()
+        self.inputs = {t.name: t for t in entry.inputs}
+        self.outputs = {t.name: t for t in entry.outputs}
+        self._device_type = "cuda" if device.type == "cuda" else "cpu"
+        self._device_id = device.index or 0
+
+    def _check_io(self) -> None:
+        for kind, got, want in (
+            ("input", self.session.get_inputs(), self.entry.inputs),
+            ("output", self.session.get_outputs(), self.entry.outputs),
+        ):
+            got_map = {a.name: a for a in got}
+            if [a.name for a in got] != [t.name for t in want]:
+                raise HybridStitchError(
+                    f"the {self.name} engine's {kind}s are {[a.name for a in got]}, the manifest says "
+                    f"{[t.name for t in want]}; the engine folder is inconsistent: re-export it"
+                )
+            for t in want:
+                a = got_map[t.name]
+                if list(a.shape) != list(t.shape) or a.type != ORT_TYPES[t.dtype]:
+                    raise HybridStitchError(
+                        f"the {self.name} engine's {kind} {t.name!r} is {a.type} {list(a.shape)}, the manifest says "
+                        f"{ORT_TYPES[t.dtype]} {t.shape}; re-export the engines"
+                    )
+
+    def empty(self, name: str) -> torch.Tensor:
+        t = self.outputs[name]
+        return torch.empty(t.shape, dtype=TORCH_DTYPES[t.dtype], device=self.device)
+
+    def prepare(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """A caller's tensor as this input wants it (device, dtype, contiguous); shape checked."""
+        t = self.inputs[name]
+        if list(x.shape) != t.shape:
+            raise HybridStitchError(
+                f"{name} has shape {list(x.shape)}, the {self.name} engine takes {t.shape} "
+                "(engines have fixed shapes: export others for this request)"
+            )
+        return x.to(device=self.device, dtype=TORCH_DTYPES[t.dtype]).contiguous()
+
+    def run(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+        """Bind torch tensors (by pointer) or OrtValues to every input and output, then run.
+
+        The tensors must stay alive until this returns (they do: the caller holds them)."""
+        binding = self.session.io_binding()
+        for name, x in inputs.items():
+            if isinstance(x, torch.Tensor):
+                binding.bind_input(name, self._device_type, self._device_id, NUMPY_DTYPES[self.inputs[name].dtype],
+                                   list(x.shape), x.data_ptr())
+            else:
+                binding.bind_ortvalue_input(name, x)
+        for name, y in outputs.items():
+            if isinstance(y, torch.Tensor):
+                binding.bind_output(name, self._device_type, self._device_id, NUMPY_DTYPES[self.outputs[name].dtype],
+                                    list(y.shape), y.data_ptr())
+            else:
+                binding.bind_ortvalue_output(name, y)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
+        self.session.run_with_iobinding(binding)
+
+
+# -- the cache ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class OrtKVCache:
+    """One request's image-token K/V of every slot as ``OrtValue``s, double-buffered.
+
+    ``current[name]`` holds the latest cache (names ``cache_k.{slot}`` / ``cache_v.{slot}``,
+    each ``[B, H, N, D]``); a masked step writes into ``spare`` and the two swap."""
+
+    batch: int
+    num_tokens: int
+    current: dict[str, Any] = field(default_factory=dict)
+    spare: dict[str, Any] = field(default_factory=dict)
+    filled: bool = False
+
+    def swap(self) -> None:
+        self.current, self.spare = self.spare, self.current
+
+    def to_torch(self) -> dict[str, torch.Tensor]:
+        """A copy of the current cache as torch tensors (for checks; the runtime never needs it)."""
+        return {name: torch.from_numpy(np.array(v.numpy())) for name, v in self.current.items()}
+
+
+# -- denoisers ---------------------------------------------------------------------------------------
+
+
+class OrtDenoiser:
+    """A full transformer engine (the small one, or the large one's full graph)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, name: str, graph: OrtGraph, manifest, folder: str):
+        self.name = name
+        self.graph = graph
+        self.manifest = manifest
+        self.folder = folder
+        self.spec: TransformerSpec = manifest.spec(name)
+        self.device = graph.device
+
+    def validate_request(self, batch: int, height: int, width: int, config) -> None:
+        """The request's CFG batch and latent size must be the engines'. Called before any work."""
+        m = self.manifest
+        lh, lw = m.latent_size
+        vae = m.resolution["vae_scale_factor"]
+        if batch != m.batch:
+            raise HybridStitchError(
+                f"the engines in {self.folder} were built for batch {m.batch} (CFG included); this request needs "
+                f"batch {batch} (prompts x num_images_per_prompt, x2 with guidance_scale > 1). Re-export with "
+                f"--batch {batch}, or change the request"
+            )
+        if (height, width) != (lh, lw):
+            raise HybridStitchError(
+                f"the engines in {self.folder} were built for {m.resolution['height']}x{m.resolution['width']} "
+                f"(latent {lh}x{lw}); this request is {height * vae}x{width * vae} (latent {height}x{width}). "
+                f"Re-export with --height {height * vae} --width {width * vae}, or request "
+                f"height={m.resolution['height']}, width={m.resolution['width']}"
+            )
+
+    def _text(self, prompt_embeds: torch.Tensor) -> None:
+        want = self.graph.inputs["prompt_embeds"].shape
+        if list(prompt_embeds.shape) != want:
+            raise HybridStitchError(
+                f"prompt_embeds has shape {list(prompt_embeds.shape)}; the {self.name} engine takes {want} "
+                f"({self.manifest.tokens['text']} text tokens). Re-export with --text-tokens {prompt_embeds.shape[1]} "
+                "or pad/truncate the text conditioning"
+            )
+
+    def _full_inputs(self, graph: OrtGraph, latents, prompt_embeds, pooled, timestep) -> dict:
+        self._text(prompt_embeds)
+        return {
+            "latents": graph.prepare("latents", latents),
+            "prompt_embeds": graph.prepare("prompt_embeds", prompt_embeds),
+            "pooled": graph.prepare("pooled", pooled),
+            "timestep": graph.prepare("timestep", timestep),
+        }
+
+    @torch.no_grad()
+    def forward(self, latents, prompt_embeds, pooled, timestep, cache=None):
+        inputs = self._full_inputs(self.graph, latents, prompt_embeds, pooled, timestep)
+        velocity = self.graph.empty("velocity")
+        self.graph.run(inputs, {"velocity": velocity})
+        return velocity.to(latents.dtype)
+
+
+class OrtLargeDenoiser(OrtDenoiser):
+    """The large transformer: its full graph (with cache outputs) and one masked graph per bucket."""
+
+    def __init__(self, graph: OrtGraph, masked: dict[int, OrtGraph], manifest, folder: str):
+        super().__init__("large", graph, manifest, folder)
+        self.masked = masked  # masked tokens k -> graph
+        self.buckets = sorted((int(b["masked_tokens"]), float(b["ratio"])) for b in manifest.buckets)
+        self.cache_names = [t.name for t in graph.entry.outputs if t.name.startswith("cache_")]
+        self._scratch: OrtKVCache | None = None  # cache outputs of full steps that keep no cache
+
+    # -- requests and buckets ------------------------------------------------------------------
+
+    def validate_request(self, batch: int, height: int, width: int, config) -> None:
+        super().validate_request(batch, height, width, config)
+        if getattr(config, "uses_masked_large", False):
+            for r in config.mask_ratios:
+                self.masked_token_count(r, self.manifest.tokens["image"])
+
+    def masked_token_count(self, ratio: float, num_tokens: int) -> tuple[int, float]:
+        """The smallest bucket with at least ``ceil(ratio * N)`` tokens: ``(its k, its ratio)``."""
+        if num_tokens != self.manifest.tokens["image"]:
+            raise HybridStitchError(
+                f"{num_tokens} image tokens requested; the engines hold {self.manifest.tokens['image']} "
+                f"({self.manifest.describe()})"
+            )
+        need = tokens_for_ratio(ratio, num_tokens)
+        for k, bucket in self.buckets:
+            if k >= need:
+                if k != need:
+                    log.info("mask ratio %g (%d tokens) is served by the %g bucket (%d tokens)", ratio, need, bucket, k)
+                return k, bucket
+        have = ", ".join(f"{b:g}" for _, b in self.buckets) or "none"
+        raise HybridStitchError(
+            f"mask ratio {ratio:g} ({need} of {num_tokens} tokens) has no bucket in {self.folder}: the engines hold "
+            f"buckets {have}, and a ratio is served by the smallest bucket at least as large. Re-export with a "
+            f"bucket >= {ratio:g} (hybridstitch-export ... --buckets {' '.join(f'{b:g}' for _, b in self.buckets)} "
+            f"{ratio:g}), or choose mask ratios of at most {self.buckets[-1][1] if self.buckets else 0:g}"
+        )
+
+    # -- caches ----------------------------------------------------------------------------------
+
+    def new_cache(self, batch: int, height: int, width: int) -> OrtKVCache:
+        lh, lw = self.manifest.latent_size
+        if batch != self.manifest.batch or (height, width) != (lh, lw):
+            self.validate_request(batch, height, width, None)
+        ort = _ort()
+        cache = OrtKVCache(batch=batch, num_tokens=self.manifest.tokens["image"])
+        device_type = "cuda" if self.device.type == "cuda" else "cpu"
+        for name in self.cache_names:
+            t = self.graph.outputs[name]
+            for buffers in (cache.current, cache.spare):
+                buffers[name] = ort.OrtValue.ortvalue_from_shape_and_type(
+                    t.shape, NUMPY_DTYPES[t.dtype], device_type, self.device.index or 0
+                )
+        return cache
+
+    # -- forwards -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, latents, prompt_embeds, pooled, timestep, cache: OrtKVCache | None = None):
+        inputs = self._full_inputs(self.graph, latents, prompt_embeds, pooled, timestep)
+        velocity = self.graph.empty("velocity")
+        if cache is None:  # the cache outputs still need somewhere to go
+            if self._scratch is None:
+                self._scratch = self.new_cache(self.manifest.batch, *self.manifest.latent_size)
+            target = self._scratch
+        else:
+            target = cache
+        self.graph.run(inputs, {"velocity": velocity, **target.current})  # caches written in place
+        if cache is not None:
+            cache.filled = True
+        return velocity.to(latents.dtype)
+
+    @torch.no_grad()
+    def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, cache: OrtKVCache):
+        if not cache.filled:
+            raise RuntimeError("masked forward before any full forward filled the KV cache")
+        k = int(index.shape[1])
+        graph = self.masked.get(k)
+        if graph is None:
+            raise HybridStitchError(
+                f"no masked engine takes {k} tokens; the buckets hold {[kk for kk, _ in self.buckets]} "
+                "(ask masked_token_count for the token count of a ratio)"
+            )
+        inputs = self._full_inputs(graph, latents, prompt_embeds, pooled, timestep)
+        inputs["index"] = graph.prepare("index", index)
+        inputs.update(cache.current)
+        tokens = graph.empty("tokens")
+        outputs = {"tokens": tokens, **{f"new_{name}": v for name, v in cache.spare.items()}}
+        graph.run(inputs, outputs)
+        cache.swap()
+        return tokens.to(latents.dtype)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class EngineSet:
+    """The loaded engines of one folder."""
+
+    folder: str
+    manifest: Any
+    large: OrtLargeDenoiser
+    small: OrtDenoiser
+    providers: list
+    device: torch.device
+    notes: list[str] = field(default_factory=list)
+
+    def scheduler(self):
+        """The large checkpoint's scheduler as recorded at export (SD3's default when none was)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if self.manifest.scheduler:
+            cfg = {k: v for k, v in self.manifest.scheduler.items() if not k.startswith("_")}
+            return FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+
+def check_source_weights(manifest, notes: list[str]) -> None:
+    """Refuse engines whose checkpoints changed since export (when the checkpoints are still there)."""
+    from hybridstitch.export.manifest import weights_changed
+
+    for role in ("large", "small"):
+        info = manifest.models[role]
+        folder = info["transformer_dir"]
+        if not os.path.isdir(folder):
+            notes.append(f"{role} checkpoint {folder} not found: weights not re-checked")
+            continue
+        why = weights_changed(folder, info["weights"])
+        if why is not None:
+            raise HybridStitchError(
+                f"the {role} weights in {folder} changed since these engines were exported ({why}); the engines "
+                f"no longer match them. Re-export (hybridstitch-export --{role} {info['path']} ... --out DIR), or pass "
+                "check_weights=False to run the engines as exported"
+            )
+
+
+def load_engines(
+    folder: str,
+    providers=None,
+    num_threads: int | None = None,
+    check_weights: bool = True,
+    verify_files: bool = True,
+) -> EngineSet:
+    """Load an engine folder written by ``hybridstitch-export --backend onnxruntime``.
+
+    Args:
+        providers: execution providers (aliases ``cpu``, ``cuda``, ``tensorrt`` or full names);
+            CPU by default.
+        num_threads: ONNX Runtime intra-op threads (its default: all cores).
+        check_weights: refuse engines whose source checkpoints changed since export (skipped
+            for checkpoints no longer on disk).
+        verify_files: hash every graph file against the manifest (sizes are always checked).
+    """
+    from hybridstitch.export.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    if manifest.backend.get("name") != "onnxruntime":
+        raise HybridStitchError(
+            f"{folder} holds {manifest.backend.get('name')} engines; load them with that backend, or export "
+            "ONNX Runtime engines with hybridstitch-export --backend onnxruntime"
+        )
+    if not manifest.complete:
+        raise HybridStitchError(
+            f"the export into {folder} did not finish (manifest incomplete); rerun the same hybridstitch-export "
+            "command: it resumes, building only what is missing"
+        )
+    required = ["small", "large"] + [b["graph"] for b in manifest.buckets]
+    for name in required:
+        entry = manifest.graphs.get(name)
+        if entry is None:
+            raise HybridStitchError(f"the manifest in {folder} lists no {name} graph; re-export the engines")
+        why = entry.check_files(folder, hash_files=verify_files)
+        if why is not None:
+            raise HybridStitchError(
+                f"the {name} engine in {folder} is not as exported: {why}. Rerun hybridstitch-export with the same "
+                "arguments: it rebuilds only the damaged engines"
+            )
+    notes: list[str] = []
+    if check_weights:
+        check_source_weights(manifest, notes)
+
+    providers = resolve_providers(providers)
+    device = provider_device(providers)
+    small = OrtGraph("small", manifest.graphs["small"], folder, providers, session_options(num_threads), device)
+
+    large = OrtGraph("large", manifest.graphs["large"], folder, providers, session_options(num_threads), device)
+    masked = {}
+    for b in manifest.buckets:
+        g = OrtGraph(b["graph"], manifest.graphs[b["graph"]], folder, providers, session_options(num_threads), device)
+        masked[int(b["masked_tokens"])] = g
+    return EngineSet(
+        folder=folder, manifest=manifest, large=OrtLargeDenoiser(large, masked, manifest, folder), small=OrtDenoiser("small", small, manifest, folder),
+        providers=providers, device=device, notes=notes,
+    )

@@ -1,0 +1,10 @@
+"""ONNX export of each transformer variant, the engine manifest, and the ``hybridstitch-export`` CLI.
+
+    from hybridstitch.export import ExportRequest, export_engines
+    export_engines(ExportRequest(large="sd35-large", small="sd3-medium", height=768, width=768), "engines/")
+"""
+
+from .manifest import FORMAT_VERSION, GraphEntry, Manifest, read_manifest
+from .onnx_export import ExportRequest, export_engines, plan_export
+
+__all__ = ["FORMAT_VERSION", "ExportRequest", "GraphEntry", "Manifest", "export_engines", "plan_export", "read_manifest"]

@@ -1,0 +1,274 @@
+"""The manifest beside the engines: what was built, from what, for which requests.
+
+``manifest.json`` (format ``hybridstitch-engines``, version :data:`FORMAT_VERSION`)::
+
+    {
+      "format": "hybridstitch-engines", "format_version": 1,
+      "created": "2025-01-01T00:00:00Z",   # first export into this folder
+      "updated": "...",                      # last graph built
+      "complete": true,                      # every graph listed below is built
+      "hybridstitch_version": "0.1.0",
+      "backend": {"name": "onnxruntime", "version": "1.32.0"},
+      "exporter": {"torch": "2.13.0", "onnx": "1.23.2", "onnxscript": "0.7.2"},
+      "op": {"domain": "hybridstitch", "name": "CachedKVAttention", "version": "1"},
+      "precision": "fp32" | "fp16",
+      "opset": 18,
+      "resolution": {"height": 768, "width": 768, "latent_height": 96, "latent_width": 96,
+                     "vae_scale_factor": 8},
+      "batch": 2,                            # CFG included: 1 image with guidance = 2
+      "tokens": {"image": 2304, "text": 333},
+      "buckets": [{"ratio": 0.1, "masked_tokens": 231, "graph": "large_masked_10"}, ...],
+      "models": {"large": {"path": "/abs/large", "transformer_dir": "/abs/large/transformer",
+                           "weights": {"sha256": "...", "files": [{"name", "size", "mtime_ns", "sha256"}]},
+                           "config": {...diffusers transformer config...}},
+                 "small": {...}},
+      "scheduler": {...FlowMatchEulerDiscreteScheduler config...} | null,
+      "graphs": {"small": {"kind": "small", "file": "small.onnx", "external_data": null | "small.onnx.data",
+                           "files": [{"name", "size", "sha256"}], "key": "<sha256 of what it was built from>",
+                           "inputs": [{"name", "shape", "dtype"}], "outputs": [...],
+                           "masked_tokens": null | k, "custom_nodes": 0 | n},
+                 "large": {...}, "large_masked_10": {...}, ...}
+    }
+
+Dtypes are ONNX element-type names (``float``, ``float16``, ``int64``). The transformer
+configs make the engines self-describing: a runtime builds its :class:`TransformerSpec` from
+them without the checkpoints. Every write is atomic (:mod:`hybridstitch.fileio`).
+
+Reading is strict: an unknown format or version, a manifest of another backend, a graph
+file that is missing, truncated or altered, each raise :class:`HybridStitchError` with the
+fix (re-export), and never touch the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from hybridstitch.denoiser import TransformerSpec
+from hybridstitch.errors import HybridStitchError
+from hybridstitch.fileio import atomic_write_text
+
+FORMAT = "hybridstitch-engines"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PRECISIONS = ("fp32", "fp16")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, streamed (weights and engines can be tens of GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def weight_files(transformer_dir: str) -> list[str]:
+    """The files that hold a transformer: its config and every safetensors shard (and index)."""
+    names = sorted(
+        n for n in os.listdir(transformer_dir)
+        if n.endswith(".safetensors") or n.endswith(".safetensors.index.json") or n == "config.json"
+    )
+    if not any(n.endswith(".safetensors") for n in names):
+        raise HybridStitchError(
+            f"no *.safetensors weights in {transformer_dir}; export needs diffusers safetensors checkpoints "
+            "(save them with save_pretrained(..., safe_serialization=True))"
+        )
+    return names
+
+
+def fingerprint_weights(transformer_dir: str) -> dict:
+    """``{"sha256": <over the files' names and hashes>, "files": [{name, size, mtime_ns, sha256}]}``."""
+    files = []
+    for name in weight_files(transformer_dir):
+        path = os.path.join(transformer_dir, name)
+        st = os.stat(path)
+        files.append(dict(name=name, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=sha256_file(path)))
+    return dict(sha256=sha256_json([(f["name"], f["sha256"]) for f in files]), files=files)
+
+
+def weights_changed(transformer_dir: str, recorded: dict) -> str | None:
+    """Why the weights in ``transformer_dir`` differ from ``recorded`` (None when they match).
+
+    Size and mtime are checked first; a file whose size or mtime moved is re-hashed, so a
+    ``touch`` or a copy passes and an edit of the same size does not. The files are only read.
+    """
+    try:
+        names = weight_files(transformer_dir)
+    except (OSError, HybridStitchError) as e:
+        return str(e)
+    want = {f["name"]: f for f in recorded.get("files", [])}
+    if set(names) != set(want):
+        return f"files differ: now {names}, at export {sorted(want)}"
+    for name in names:
+        path = os.path.join(transformer_dir, name)
+        st = os.stat(path)
+        rec = want[name]
+        if st.st_size != rec["size"]:
+            return f"{name} is {st.st_size} bytes, {rec['size']} at export"
+        if st.st_mtime_ns != rec["mtime_ns"] and sha256_file(path) != rec["sha256"]:
+            return f"{name} has changed content (sha256 differs)"
+    return None
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: list[int]
+    dtype: str  # ONNX element type name: float, float16, int64
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorInfo":
+        return cls(name=d["name"], shape=[int(s) for s in d["shape"]], dtype=d["dtype"])
+
+
+@dataclass
+class GraphEntry:
+    """One built graph and the files that hold it."""
+
+    kind: str  # "small" | "large" | "masked"
+    file: str  # relative to the engine folder
+    key: str  # sha256 of everything the graph was built from; a rerun rebuilds when it moves
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    files: list[dict] = field(default_factory=list)  # [{name, size, sha256}]: the .onnx and its external data
+    external_data: str | None = None
+    masked_tokens: int | None = None
+    bucket_ratio: float | None = None
+    custom_nodes: int = 0  # CachedKVAttention nodes in the graph
+    built: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraphEntry":
+        d = dict(d)
+        d["inputs"] = [TensorInfo.from_dict(t) for t in d["inputs"]]
+        d["outputs"] = [TensorInfo.from_dict(t) for t in d["outputs"]]
+        return cls(**d)
+
+    def check_files(self, folder: str, hash_files: bool = True) -> str | None:
+        """Why this graph's files are not as built (None when they are). Reads only."""
+        for rec in self.files:
+            path = os.path.join(folder, rec["name"])
+            if not os.path.isfile(path):
+                return f"{rec['name']} is missing"
+            size = os.path.getsize(path)
+            if size != rec["size"]:
+                return f"{rec['name']} is {size} bytes, {rec['size']} when built (truncated or replaced)"
+            if hash_files and sha256_file(path) != rec["sha256"]:
+                return f"{rec['name']} is corrupted (sha256 differs from the one recorded at export)"
+        return None
+
+
+@dataclass
+class Manifest:
+    precision: str
+    opset: int
+    batch: int
+    resolution: dict  # height, width, latent_height, latent_width, vae_scale_factor
+    tokens: dict  # image, text
+    buckets: list[dict]  # [{ratio, masked_tokens, graph}], ascending ratio
+    models: dict  # large / small: {path, transformer_dir, weights, config}
+    backend: dict  # {name, version}
+    exporter: dict
+    op: dict
+    scheduler: dict | None = None
+    graphs: dict[str, GraphEntry] = field(default_factory=dict)
+    complete: bool = False
+    created: str = ""
+    updated: str = ""
+    hybridstitch_version: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    # -- views -----------------------------------------------------------------------------
+
+    def spec(self, role: str) -> TransformerSpec:
+        return TransformerSpec.from_config(self.models[role]["config"])
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return int(self.resolution["latent_height"]), int(self.resolution["latent_width"])
+
+    def bucket_ratios(self) -> list[float]:
+        return [float(b["ratio"]) for b in self.buckets]
+
+    def describe(self) -> str:
+        r = self.resolution
+        return (
+            f"{r['height']}x{r['width']} (latent {r['latent_height']}x{r['latent_width']}), batch {self.batch} "
+            f"(CFG included), {self.tokens['text']} text tokens, {self.precision}, buckets "
+            f"{', '.join(f'{b:g}' for b in self.bucket_ratios()) or 'none'}"
+        )
+
+    # -- (de)serialisation ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        # a stable, readable key order: identity first, graphs last
+        order = ["format", "format_version", "created", "updated", "complete", "hybridstitch_version", "backend",
+                 "exporter", "op", "precision", "opset", "resolution", "batch", "tokens", "buckets", "models",
+                 "scheduler", "graphs"]
+        return {k: d[k] for k in order}
+
+    def save(self, folder: str) -> None:
+        atomic_write_text(os.path.join(folder, MANIFEST_NAME), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "manifest") -> "Manifest":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise HybridStitchError(
+                f"{where} is not a hybridstitch engine manifest (format {d.get('format') if isinstance(d, dict) else None!r}, "
+                f"expected {FORMAT!r}); point at a folder written by hybridstitch-export"
+            )
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise HybridStitchError(
+                f"{where} has manifest format version {version!r}; this hybridstitch reads version {FORMAT_VERSION}. "
+                "Re-export the engines with this hybridstitch version (hybridstitch-export ... --out DIR), or use the "
+                "hybridstitch version that wrote them"
+            )
+        try:
+            d = dict(d)
+            d["graphs"] = {name: GraphEntry.from_dict(g) for name, g in d.get("graphs", {}).items()}
+            known = set(cls.__dataclass_fields__)
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except (KeyError, TypeError, ValueError) as e:
+            raise HybridStitchError(f"{where} is malformed ({type(e).__name__}: {e}); re-export the engines") from e
+
+
+def read_manifest(folder: str) -> Manifest:
+    """The manifest of an engine folder; every problem is a HybridStitchError that says what to do."""
+    if not os.path.isdir(folder):
+        raise HybridStitchError(f"engine folder {folder!r} does not exist; build it with hybridstitch-export --out {folder}")
+    path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise HybridStitchError(
+            f"no {MANIFEST_NAME} in {folder}: not an engine folder, or its export never finished a graph; "
+            f"run hybridstitch-export --out {folder}"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise HybridStitchError(f"could not read {path}: {e}; re-export the engines (hybridstitch-export --out {folder})") from e
+    return Manifest.from_dict(data, where=path)
+
+
+def bucket_graph_name(ratio: float) -> str:
+    """``0.3`` -> ``"large_masked_30"``; ``0.125`` -> ``"large_masked_12.5"``."""
+    return f"large_masked_{ratio * 100:g}"

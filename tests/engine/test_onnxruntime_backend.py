@@ -1,0 +1,311 @@
+"""The ONNX Runtime backend against the torch backend, and its refusals.
+
+Relative error throughout: ``max|a - b| / max|b|`` with ``b`` the torch result.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from hybridstitch import HybridStitchError, HybridStitchPipeline, StitchConfig
+from hybridstitch.denoiser import MaskedDenoiser
+from hybridstitch.engine.onnxruntime_backend import OrtKVCache, load_engines, resolve_providers, session_options
+from hybridstitch.engine.torch_backend import TorchDenoiser
+from hybridstitch.loading import load_transformer
+from hybridstitch.masks import select_mask
+from hybridstitch.tokens import gather_tokens, patchify
+from tests.conftest import JOINT_DIM, POOLED_DIM, text_inputs
+
+STEPS = 8
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def inputs(batch=2, seed=0, t=500.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 16, 8, 8, generator=g), torch.randn(batch, 7, JOINT_DIM, generator=g),
+            torch.randn(batch, POOLED_DIM, generator=g), torch.full((batch,), t))
+
+
+def snapshot(folder):
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = (os.stat(p).st_mtime_ns, hashlib.sha256(fh.read()).hexdigest())
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_engines):
+    return load_engines(tiny_engines[0], num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def torch_pair(tiny_dirs):
+    return (TorchDenoiser(load_transformer(tiny_dirs[0], "large"), "large"),
+            TorchDenoiser(load_transformer(tiny_dirs[1], "small"), "small"))
+
+
+def test_denoisers_behind_the_interface(engines, torch_pair):
+    large, small = torch_pair
+    assert isinstance(engines.large, MaskedDenoiser)
+    assert engines.large.backend == engines.small.backend == "onnxruntime"
+    assert engines.large.spec == large.spec and engines.small.spec == small.spec
+    assert engines.providers == ["CPUExecutionProvider"] and engines.device == torch.device("cpu")
+    for g in [engines.large.graph, engines.small.graph, *engines.large.masked.values()]:
+        assert g.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_full_forwards_match_torch(engines, torch_pair):
+    large, small = torch_pair
+    x, pe, pooled, t = inputs()
+    assert rel(engines.small.forward(x, pe, pooled, t), small.forward(x, pe, pooled, t)) < 1e-5
+    cache, ref_cache = engines.large.new_cache(2, 8, 8), large.new_cache(2, 8, 8)
+    assert rel(engines.large.forward(x, pe, pooled, t, cache=cache), large.forward(x, pe, pooled, t, cache=ref_cache)) < 1e-5
+    assert rel(engines.large.forward(x, pe, pooled, t), large.forward(x, pe, pooled, t)) < 1e-5  # no cache kept
+    got = cache.to_torch()
+    for (layer, attn), (k, v) in ref_cache.layers.items():
+        assert rel(got[f"cache_k.{layer}.{attn}"], k) < 1e-5 and rel(got[f"cache_v.{layer}.{attn}"], v) < 1e-5
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3])
+def test_masked_forward_fresh_and_stale_cache_match_torch(engines, torch_pair, ratio):
+    large, _ = torch_pair
+    x, pe, pooled, t = inputs(seed=1)
+    cache, ref_cache = engines.large.new_cache(2, 8, 8), large.new_cache(2, 8, 8)
+    engines.large.forward(x, pe, pooled, t, cache=cache)
+    full = large.forward(x, pe, pooled, t, cache=ref_cache)
+    k, bucket = engines.large.masked_token_count(ratio, 16)
+    assert bucket == ratio
+    g = torch.Generator().manual_seed(2)
+    # fresh: equals the torch masked forward and the full forward at the masked tokens
+    idx = select_mask(torch.rand(2, 16, generator=g), k)
+    out = engines.large.forward_masked(x, pe, pooled, t, idx, cache)
+    assert out.shape == (2, k, 64)
+    assert rel(out, large.forward_masked(x, pe, pooled, t, idx, ref_cache)) < 1e-5
+    assert rel(out, gather_tokens(patchify(full, 2), idx)) < 1e-5
+    # stale: a later step on a moved latent, with new masked positions, over the cache of both steps
+    x2 = x + 0.3 * torch.randn(x.shape, generator=g)
+    idx2 = select_mask(torch.rand(2, 16, generator=g), k)
+    out2 = engines.large.forward_masked(x2, pe, pooled, t * 0.8, idx2, cache)
+    assert rel(out2, large.forward_masked(x2, pe, pooled, t * 0.8, idx2, ref_cache)) < 1e-5
+    got = cache.to_torch()
+    for (layer, attn), (kk, vv) in ref_cache.layers.items():
+        assert rel(got[f"cache_k.{layer}.{attn}"], kk) < 1e-5 and rel(got[f"cache_v.{layer}.{attn}"], vv) < 1e-5
+
+
+def test_cache_stays_in_ortvalues_and_swaps_buffers(engines):
+    x, pe, pooled, t = inputs(seed=3)
+    cache = engines.large.new_cache(2, 8, 8)
+    assert isinstance(cache, OrtKVCache) and len(cache.current) == 8  # 4 slots x K, V
+    assert all(type(v).__name__ == "OrtValue" for v in [*cache.current.values(), *cache.spare.values()])
+    with pytest.raises(RuntimeError, match="full forward"):
+        engines.large.forward_masked(x, pe, pooled, t, torch.arange(2).repeat(2, 1), cache)
+    engines.large.forward(x, pe, pooled, t, cache=cache)
+    before = cache.to_torch()
+    first = dict(cache.current)
+    idx = torch.tensor([[0, 3], [5, 9]])
+    engines.large.forward_masked(x + 1.0, pe, pooled, t, idx, cache)
+    assert all(cache.spare[n] is first[n] for n in first)  # swapped, no new buffers
+    after = cache.to_torch()
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    keep[0, [0, 3]] = keep[1, [5, 9]] = False
+    for name in before:
+        for b in range(2):
+            assert torch.equal(after[name][b][:, keep[b]], before[name][b][:, keep[b]])
+            assert not torch.allclose(after[name][b][:, ~keep[b]], before[name][b][:, ~keep[b]])
+
+
+def test_bucket_rule(engines):
+    large = engines.large
+    assert large.masked_token_count(0.1, 16) == (2, 0.1)
+    assert large.masked_token_count(0.3, 16) == (5, 0.3)
+    assert large.masked_token_count(0.2, 16) == (5, 0.3)  # 4 tokens: the next larger bucket serves it
+    assert large.masked_token_count(0.05, 16) == (2, 0.1)
+    with pytest.raises(HybridStitchError, match=r"buckets 0.1, 0.3.*--buckets 0.1 0.3 0.5"):
+        large.masked_token_count(0.5, 16)
+
+
+def _run(pipe, config, height=64, width=64, num_images_per_prompt=1):
+    emb = text_inputs(1)
+    shape = (num_images_per_prompt, 16, height // 8, width // 8)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    return pipe(config=config, num_inference_steps=STEPS, guidance_scale=4.5, height=height, width=width,
+                latents=latents, num_images_per_prompt=num_images_per_prompt, output_type="latent", progress=False, **emb)
+
+
+@pytest.fixture(scope="module")
+def ort_pipe(tiny_engines):
+    return HybridStitchPipeline.from_engines(tiny_engines[0], num_threads=1)
+
+
+def test_whole_run_matches_torch(ort_pipe, tiny_pipe):
+    cfg = StitchConfig(mask_ratios=(0.3, 0.1), thresholds=(float("inf"), 1e9, 1e8), name="all-stages")
+    got, want = _run(ort_pipe, cfg), _run(tiny_pipe, cfg)
+    assert got.trace.backend == "onnxruntime" and want.trace.backend == "torch"
+    kinds = [s.stage_kind for s in got.trace.steps]
+    assert kinds == ["large", "large", "masked", "masked", "small", "small", "small", "small"]
+    assert kinds == [s.stage_kind for s in want.trace.steps]
+    assert got.trace.switch_steps == want.trace.switch_steps == [2, 3, 4]
+    assert [s.masked_tokens for s in got.trace.steps] == [s.masked_tokens for s in want.trace.steps]
+    for a, b in zip(got.trace.steps[1:], want.trace.steps[1:]):
+        assert abs(a.d - b.d) <= 1e-5 * abs(b.d)
+    assert rel(got.images, want.images) < 1e-5
+
+
+def test_ratio_without_bucket_runs_on_the_next_larger_and_says_so(ort_pipe, tiny_pipe):
+    # 0.2 has no bucket: served by 0.3 (5 tokens), so it matches torch at 0.3
+    got = _run(ort_pipe, StitchConfig(mask_ratios=(0.2,), thresholds=(float("inf"), 0.0)))
+    want = _run(tiny_pipe, StitchConfig(mask_ratios=(0.3,), thresholds=(float("inf"), 0.0)))
+    masked = [s for s in got.trace.steps if s.stage_kind == "masked"]
+    assert masked and all(s.mask_ratio == 0.2 and s.bucket_ratio == 0.3 and s.masked_tokens == 5 for s in masked)
+    assert rel(got.images, want.images) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(num_images_per_prompt=2), "built for batch 2"),
+        (dict(height=128, width=128), "built for 64x64"),
+        (dict(config=StitchConfig(mask_ratios=(0.5,), thresholds=(0.5, 0.3))), "no bucket"),
+    ],
+)
+def test_requests_the_engines_cannot_serve_fail_before_any_work(ort_pipe, monkeypatch, kw, match):
+    calls = []
+    for g in [ort_pipe.large.graph, ort_pipe.small.graph, *ort_pipe.large.masked.values()]:
+        monkeypatch.setattr(g, "run", lambda *a, **k: calls.append(1))
+    config = kw.pop("config", "hybridstitch-30")
+    with pytest.raises(HybridStitchError, match=match):
+        _run(ort_pipe, config, **kw)
+    assert calls == []
+
+
+def test_text_tokens_mismatch_is_named(engines):
+    x, pe, pooled, t = inputs()
+    with pytest.raises(HybridStitchError, match="prompt_embeds.*--text-tokens 9"):
+        engines.small.forward(x, torch.randn(2, 9, JOINT_DIM), pooled, t)
+
+
+# -- engine folders that must be refused, untouched -------------------------------------------------
+
+
+def _edit_manifest(folder, fn):
+    path = os.path.join(folder, "manifest.json")
+    with open(path) as f:
+        raw = json.load(f)
+    fn(raw)
+    with open(path, "w") as f:
+        json.dump(raw, f)
+
+
+def _truncate(folder):
+    with open(os.path.join(folder, "large_masked_30.onnx"), "r+b") as f:
+        f.truncate(2000)
+
+
+def _corrupt(folder):
+    path = os.path.join(folder, "large.onnx")
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (_truncate, r"large_masked_30.onnx is \d+ bytes.*truncated"),
+        (_corrupt, "large.onnx is corrupted"),
+        (lambda d: _edit_manifest(d, lambda m: m.update(format_version=99)), "format version 99"),
+        (lambda d: _edit_manifest(d, lambda m: m.update(format="other")), "not a hybridstitch engine manifest"),
+        (lambda d: _edit_manifest(d, lambda m: m.update(complete=False)), "did not finish"),
+        (lambda d: _edit_manifest(d, lambda m: m["backend"].update(name="tensorrt")), "holds tensorrt engines"),
+        (lambda d: os.unlink(os.path.join(d, "manifest.json")), "no manifest.json"),
+        (lambda d: open(os.path.join(d, "manifest.json"), "w").write("{not json"), "could not read"),
+    ],
+)
+def test_damaged_engine_folders_are_refused_untouched(tiny_engines, tmp_path, damage, match):
+    work = str(tmp_path / "eng")
+    shutil.copytree(tiny_engines[0], work)
+    damage(work)
+    before = snapshot(work)
+    with pytest.raises(HybridStitchError, match=match):
+        HybridStitchPipeline.from_engines(work, num_threads=1)
+    assert snapshot(work) == before
+
+
+def test_corrupted_engine_without_hash_check_is_still_a_clear_error(tiny_engines, tmp_path):
+    work = str(tmp_path / "eng")
+    shutil.copytree(tiny_engines[0], work)
+    path = os.path.join(work, "small.onnx")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:  # same size, garbage header: only the parser can tell
+        f.write(b"\xff" * 64)
+    assert os.path.getsize(path) == size
+    with pytest.raises(HybridStitchError, match="could not load the small engine"):
+        load_engines(work, num_threads=1, verify_files=False)
+
+
+def test_weights_changed_since_export_are_refused(tiny_engines, tiny_dirs, tmp_path):
+    work, ckpt = str(tmp_path / "eng"), str(tmp_path / "small")
+    shutil.copytree(tiny_engines[0], work)
+    shutil.copytree(tiny_dirs[1], ckpt)
+
+    def point_at_copy(m):
+        m["models"]["small"]["path"] = ckpt
+        m["models"]["small"]["transformer_dir"] = os.path.join(ckpt, "transformer")
+
+    _edit_manifest(work, point_at_copy)
+    load_engines(work, num_threads=1)  # a copy with other mtimes but the same bytes passes
+    weights = os.path.join(ckpt, "transformer", "diffusion_pytorch_model.safetensors")
+    with open(weights, "r+b") as f:  # same size, other bytes
+        f.seek(os.path.getsize(weights) - 8)
+        f.write(b"\x01" * 8)
+    before = snapshot(work)
+    with pytest.raises(HybridStitchError, match="small weights .* changed since these engines were exported"):
+        HybridStitchPipeline.from_engines(work, num_threads=1)
+    assert snapshot(work) == before
+    load_engines(work, num_threads=1, check_weights=False)  # as exported, on request
+
+
+def test_provider_choice():
+    import onnxruntime as ort
+
+    assert resolve_providers(None) == ["CPUExecutionProvider"]
+    assert resolve_providers("cpu") == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(HybridStitchError, match="onnxruntime-gpu"):
+            resolve_providers(["cuda"])
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(HybridStitchError, match="onnxruntime-gpu"):
+            resolve_providers("tensorrt")
+    with pytest.raises(HybridStitchError, match="num_threads"):
+        session_options(0)
+
+
+def test_fp16_engines(tiny_dirs, torch_pair, tmp_path):
+    """fp16 engines take and return the caller's float32 tensors; the error is fp16's, not a bug's."""
+    from hybridstitch.export import ExportRequest, export_engines
+
+    out = str(tmp_path / "fp16")
+    export_engines(ExportRequest(large=tiny_dirs[0], small=tiny_dirs[1], height=64, width=64, batch=2, buckets=(0.3,),
+                                 text_tokens=7, precision="fp16"), out, progress=False)
+    es = load_engines(out, num_threads=1)
+    assert es.manifest.graphs["large"].inputs[0].dtype == "float16"
+    large, small = torch_pair
+    x, pe, pooled, t = inputs(seed=4)
+    v = es.small.forward(x, pe, pooled, t)
+    assert v.dtype == torch.float32 and rel(v, small.forward(x, pe, pooled, t)) < 1e-2
+    cache, ref_cache = es.large.new_cache(2, 8, 8), large.new_cache(2, 8, 8)
+    assert rel(es.large.forward(x, pe, pooled, t, cache=cache), large.forward(x, pe, pooled, t, cache=ref_cache)) < 1e-2
+    idx = torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]])
+    assert rel(es.large.forward_masked(x, pe, pooled, t, idx, cache), large.forward_masked(x, pe, pooled, t, idx, ref_cache)) < 1e-2
