@@ -71,11 +71,72 @@ def _generate(args) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the embedded demo: the shipped testbed pair on CPU, ONNX Runtime by default")
+    p.add_argument("--out", default="hybridstitch-demo", help="output folder (images, traces, masks picture)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.add_argument("--method", default=None, help="HybridStitch preset to show (default: the calibrated testbed preset)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, backend=args.backend, method=args.method, steps=args.steps,
+             guidance_scale=args.guidance_scale, seed=args.seed, threads=args.threads, progress=not args.no_progress)
+    return 0
+
+
+def _add_bench(sub) -> None:
+    from . import bench
+
+    p = sub.add_parser("bench", help="latency benchmark of every method on every available backend")
+    bench.add_arguments(p)
+
+
+def _bench(args) -> int:
+    from . import bench
+
+    bench.run(args)
+    return 0
+
+
+def _add_calibrate(sub) -> None:
+    from .testbed import calibrate
+
+    p = sub.add_parser("calibrate", help="sweep thresholds and mask ratios on the testbed: latency, quality, Pareto front")
+    calibrate.add_arguments(p)
+
+
+def _calibrate(args) -> int:
+    from .testbed import calibrate
+
+    calibrate.run(args)
+    return 0
+
+
+# command -> (add its parser, run it); the optional ones are added only when their module imports.
+COMMANDS = {
+    "generate": (_add_generate, _generate),
+    "demo": (_add_demo, _demo),
+    "bench": (_add_bench, _bench),
+    "calibrate": (_add_calibrate, _calibrate),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridstitch", description=__doc__)
     parser.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     sub = parser.add_subparsers(dest="command")
-    _add_generate(sub)
+    for add, _ in COMMANDS.values():
+        try:
+            add(sub)
+        except ImportError:  # a module still missing from this install
+            continue
     return parser
 
 
@@ -91,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"generate": _generate}[args.command](args)
+        return COMMANDS[args.command][1](args)
     except HybridStitchError as e:
         print(f"hybridstitch: error: {e}", file=sys.stderr)
         return 2

@@ -48,12 +48,14 @@ def load_transformer(folder: str, role: str, torch_dtype=None):
 
     path = transformer_dir(folder, role)
     try:
-        return SD3Transformer2DModel.from_pretrained(path, torch_dtype=torch_dtype)
+        model = SD3Transformer2DModel.from_pretrained(path, torch_dtype=torch_dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise HybridStitchError(
             f"could not load the {role} transformer from {path}: {e}; check that the weights "
             f"(diffusion_pytorch_model*.safetensors) are present, complete and match config.json"
         ) from e
+    # Without accelerate, diffusers may leave weights in the stored dtype: cast explicitly.
+    return model.to(torch_dtype) if torch_dtype is not None else model
 
 
 def load_scheduler(folder: str):

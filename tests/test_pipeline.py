@@ -176,3 +176,12 @@ def test_missing_and_unreadable_folders(tmp_path, tiny_dirs):
 def test_transformer_folder_directly(tiny_dirs):
     pipe = HybridStitchPipeline.from_pretrained(large=os.path.join(tiny_dirs[0], "transformer"), small=tiny_dirs[1])
     assert pipe.large.spec.qk_norm == "rms_norm" and pipe.large.spec.dual_attention_layers == (0,)
+
+
+def test_torch_dtype_is_applied(tiny_dirs):
+    pipe = HybridStitchPipeline.from_pretrained(large=tiny_dirs[0], small=tiny_dirs[1], torch_dtype=torch.bfloat16)
+    assert pipe.large.dtype == torch.bfloat16 and pipe.small.dtype == torch.bfloat16
+    out = pipe(config=StitchConfig(mask_ratios=(0.3,), thresholds=(float("inf"), 0.0)), num_inference_steps=3,
+               guidance_scale=4.5, height=H, width=W, output_type="latent", progress=False,
+               generator=torch.Generator().manual_seed(0), **text_inputs(1))
+    assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images.float()).all()

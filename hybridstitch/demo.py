@@ -1,0 +1,181 @@
+"""``hybridstitch demo``: the embedded default, end to end on the shipped testbed pair.
+
+Exports the testbed's engines for ONNX Runtime (once; later runs reuse them), then generates
+one grid of digits per method (large only, small only, HybridStitch), prints each method's
+latency and speed-up over large-only, and writes the images, the JSON traces and a picture of
+the masks over the steps (which tokens the large model refined, step by step) to a folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+
+import torch
+
+from .config import StitchConfig
+from .fileio import atomic_write_bytes, atomic_write_text
+
+DEMO_PROMPTS = ("a handwritten 0", "a handwritten 3", "a handwritten 5", "a handwritten 8")
+
+
+def testbed_dirs() -> tuple[str, str]:
+    root = os.path.join(os.path.dirname(__file__), "testbed", "weights")
+    return os.path.join(root, "large"), os.path.join(root, "small")
+
+
+def testbed_image_size() -> int:
+    """The testbed's training resolution (pixels = latents: its VAE is the identity)."""
+    from .loading import read_json
+
+    large, _ = testbed_dirs()
+    return int(read_json(os.path.join(large, "transformer", "config.json"))["sample_size"])
+
+
+def _png(fig_or_image) -> bytes:
+    buf = io.BytesIO()
+    if hasattr(fig_or_image, "savefig"):
+        fig_or_image.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    else:
+        fig_or_image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _grid_figure(results: dict, prompts):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(results)
+    fig, axes = plt.subplots(len(methods), len(prompts), figsize=(1.6 * len(prompts), 1.75 * len(methods)), squeeze=False)
+    for r, m in enumerate(methods):
+        for c, img in enumerate(results[m]["images"]):
+            ax = axes[r][c]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(m, fontsize=8)
+            if r == 0:
+                ax.set_title(prompts[c], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _mask_figure(trace, images, prompts, patch: int):
+    """Rows: prompts; columns: masked steps. Each cell: the final image, masked tokens in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    masked = [s for s in trace.steps if s.mask_index is not None]
+    if not masked:
+        return None
+    fig, axes = plt.subplots(len(prompts), len(masked), figsize=(1.2 * len(masked), 1.3 * len(prompts)), squeeze=False)
+    for r, img in enumerate(images):
+        base = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
+        h, w = base.shape[:2]
+        cols = w // patch
+        for c, step in enumerate(masked):
+            overlay = base * 0.6
+            for n in step.mask_index[r]:
+                y, x = (n // cols) * patch, (n % cols) * patch
+                overlay[y:y + patch, x:x + patch] = [0.95, 0.15, 0.1]
+            ax = axes[r][c]
+            ax.imshow(overlay, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"step {step.step}\n{step.masked_tokens} tok", fontsize=7)
+    fig.suptitle("tokens the large model refined (red), per masked step", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def run_demo(
+    out_dir: str = "hybridstitch-demo",
+    backend: str = "onnxruntime",
+    method: str | None = None,
+    prompts=DEMO_PROMPTS,
+    steps: int = 20,
+    guidance_scale: float = 4.0,
+    seed: int = 0,
+    threads: int = 1,
+    progress: bool = True,
+) -> dict:
+    from .pipeline import HybridStitchPipeline
+
+    torch.set_num_threads(threads)
+    large_dir, small_dir = testbed_dirs()
+    os.makedirs(out_dir, exist_ok=True)
+    method = method or default_testbed_method()
+    if backend == "onnxruntime":
+        from hybridstitch.export.onnx_export import ExportRequest, export_engines
+
+        engine_dir = os.path.join(out_dir, "engines")
+        # One engine set for len(prompts) images with guidance (CFG doubles the batch). A rerun
+        # finds the engines built and valid and skips the export.
+        size = testbed_image_size()
+        req = ExportRequest(large=large_dir, small=small_dir, height=size, width=size, batch=2 * len(prompts),
+                            buckets=StitchConfig.preset(method).mask_ratios, precision="fp32", overwrite=True)
+        export_engines(req, engine_dir, progress=progress)
+        pipe = HybridStitchPipeline.from_engines(engine_dir, num_threads=threads)
+    elif backend == "torch":
+        pipe = HybridStitchPipeline.from_pretrained(large=large_dir, small=small_dir)
+    else:
+        from .errors import HybridStitchError
+
+        raise HybridStitchError(f"demo backend must be 'onnxruntime' or 'torch', got {backend!r}")
+
+    methods = {"large": "large", "small": "small", "hybridstitch": method}
+    size = testbed_image_size()
+    kwargs = dict(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, progress=progress,
+                  height=size, width=size)
+    # Warm-up once (session initialisation, allocator), then one timed run per method.
+    pipe(config="small", **{**kwargs, "num_inference_steps": 2, "progress": False})
+    results = {}
+    for label, preset in methods.items():
+        t0 = time.perf_counter()
+        out = pipe(config=preset, generator=torch.Generator().manual_seed(seed), record_masks=True, **kwargs)
+        results[label] = dict(images=out.images, trace=out.trace, seconds=time.perf_counter() - t0)
+
+    base = results["large"]["seconds"]
+    summary = {"backend": backend, "threads": threads, "steps": steps, "prompts": list(prompts), "methods": {}}
+    print(f"\nhybridstitch demo: {len(prompts)} prompts, {steps} steps, CFG {guidance_scale}, {backend}, {threads} thread(s)")
+    print(f"{'method':<28} {'seconds':>8} {'speed-up':>9}  stages")
+    for label, res in results.items():
+        tr = res["trace"]
+        name = methods[label] if label != "hybridstitch" else f"hybridstitch ({method})"
+        speed = base / res["seconds"]
+        print(f"{name:<28} {res['seconds']:>8.2f} {speed:>8.2f}x  {tr.stage_counts} switch {tr.switch_steps}")
+        summary["methods"][label] = dict(preset=methods[label], seconds=res["seconds"], speedup=speed,
+                                         stage_counts=tr.stage_counts, switch_steps=tr.switch_steps)
+        tr.save(os.path.join(out_dir, f"trace-{label}.json"))
+        for i, img in enumerate(res["images"]):
+            atomic_write_bytes(os.path.join(out_dir, f"{label}-{i}.png"), _png(img))
+
+    import matplotlib.pyplot as plt
+
+    fig = _grid_figure(results, list(prompts))
+    atomic_write_bytes(os.path.join(out_dir, "grid.png"), _png(fig))
+    plt.close(fig)
+    fig = _mask_figure(results["hybridstitch"]["trace"], results["hybridstitch"]["images"], list(prompts),
+                       pipe.large.spec.patch_size * pipe.vae_scale_factor)
+    if fig is not None:
+        atomic_write_bytes(os.path.join(out_dir, "masks.png"), _png(fig))
+        plt.close(fig)
+    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
+    print(f"\nwrote {os.path.abspath(out_dir)}: grid.png, masks.png, <method>-<i>.png, trace-<method>.json, summary.json")
+    return summary
+
+
+def default_testbed_method() -> str:
+    """The calibrated testbed preset the demo shows (see README, calibration)."""
+    from .config import PRESETS
+
+    return "testbed-30" if "testbed-30" in PRESETS else "hybridstitch-30"
