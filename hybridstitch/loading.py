@@ -55,7 +55,9 @@ def load_transformer(folder: str, role: str, torch_dtype=None):
             f"(diffusion_pytorch_model*.safetensors) are present, complete and match config.json"
         ) from e
     # Without accelerate, diffusers may leave weights in the stored dtype: cast explicitly.
-    return model.to(torch_dtype) if torch_dtype is not None else model
+    if torch_dtype is not None and model.dtype != torch_dtype:
+        model = model.to(torch_dtype)
+    return model
 
 
 def load_scheduler(folder: str):
