@@ -3,6 +3,11 @@
     hybridstitch-export --large DIR --small DIR --height 768 --width 768 --batch 2 \\
         --buckets 0.1 0.2 0.3 0.4 --backend onnxruntime --precision fp32 --out ENGINE_DIR
 
+    # on the GPU machine that will serve them: TensorRT engines for this GPU and TensorRT version
+    hybridstitch-export ... --backend tensorrt --precision fp16 [--attention plugin|standard] \\
+        [--compiler onnx|torch-tensorrt] [--builder-optimization-level 0-5] \\
+        [--hardware-compatibility none|ampere_plus|same_compute_capability] --out ENGINE_DIR
+
 Rerunning the same command resumes an interrupted export (valid engines are skipped) and
 rebuilds only engines whose files are missing or damaged. Exit status 0 on success, 2 on a
 user error (printed as one line that says what to do), 1 on an unexpected failure.
@@ -17,8 +22,27 @@ import sys
 from hybridstitch.errors import HybridStitchError
 
 
+TENSORRT_FLAGS = ("compiler", "attention", "builder_optimization_level", "hardware_compatibility", "timing_cache",
+                  "verify")
+
+
+def _fp32_blocks(values: list[str] | None):
+    """``auto`` (None), ``none`` (()) or block indices."""
+    if values is None or values == ["auto"]:
+        return None
+    if values == ["none"]:
+        return ()
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        from hybridstitch.errors import HybridStitchError
+
+        raise HybridStitchError(f"--fp32-blocks takes auto, none or block indices, got {' '.join(values)}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .onnx_export import BACKENDS, DEFAULT_BUCKETS, DEFAULT_OPSET
+    from .onnx_export import BACKENDS, BF16_MIN_OPSET, DEFAULT_BUCKETS, DEFAULT_OPSET
+    from .tensorrt_build import ATTENTIONS, COMPILERS, HARDWARE_COMPATIBILITY, VERIFY
 
     ap = argparse.ArgumentParser(
         prog="hybridstitch-export",
@@ -33,27 +57,56 @@ def build_parser() -> argparse.ArgumentParser:
                     help="engine batch, CFG included: 1 image with guidance is 2 (default 2)")
     ap.add_argument("--buckets", type=float, nargs="+", default=list(DEFAULT_BUCKETS),
                     help="mask-ratio buckets, one masked engine each (default 0.1 0.2 0.3 0.4)")
-    ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
-    ap.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
-    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 18 (default {DEFAULT_OPSET})")
+    ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                    help="onnxruntime (ONNX graphs, any machine) or tensorrt (engines for this machine's GPU)")
+    ap.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                    help="graph precision; bf16 is for --backend tensorrt only (default fp32)")
+    ap.add_argument("--opset", type=int, default=None,
+                    help=f"ONNX opset, >= 18 (default {DEFAULT_OPSET}; {BF16_MIN_OPSET} for bf16)")
+    ap.add_argument("--fp32-blocks", nargs="+", default=None, metavar="auto|none|I",
+                    help="large-model blocks kept in float32 in fp16/bf16 graphs (default auto: block 35 of SD3.5 "
+                    "Large in fp16, as TensorRT's SD3.5 demo)")
     ap.add_argument("--text-tokens", type=int, default=None,
                     help="text tokens of the conditioning (default: from the large folder; SD3's CLIP+T5 is 333)")
     ap.add_argument("--out", required=True, help="the engine folder to write (created if needed)")
     ap.add_argument("--overwrite", action="store_true",
                     help="rebuild a folder that holds engines of another configuration")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    trt = ap.add_argument_group("TensorRT (--backend tensorrt)")
+    trt.add_argument("--compiler", choices=COMPILERS, default=None,
+                     help="onnx: build from the ONNX graphs with Polygraphy (default); torch-tensorrt: compile the "
+                     "torch graphs with Torch-TensorRT")
+    trt.add_argument("--attention", choices=ATTENTIONS, default=None,
+                     help="plugin: the CachedKVAttention plugin (default); standard: standard ops, TensorRT's own "
+                     "attention fusion")
+    trt.add_argument("--builder-optimization-level", type=int, default=None, choices=range(6), metavar="0-5",
+                     help="TensorRT builder optimisation level (default: TensorRT's, 3)")
+    trt.add_argument("--hardware-compatibility", choices=HARDWARE_COMPATIBILITY, default=None,
+                     help="none: engines for this GPU's compute capability (default); ampere_plus: any GPU of "
+                     "compute capability >= 8.0; same_compute_capability")
+    trt.add_argument("--timing-cache", default=None, metavar="PATH",
+                     help="TensorRT timing cache (default: one per GPU and TensorRT version in the engine folder)")
+    trt.add_argument("--verify", choices=VERIFY, default=None,
+                     help="onnxruntime: check each ONNX graph against torch before building from it (default); none")
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from .onnx_export import ExportRequest, export_engines
+        from .onnx_export import BF16_MIN_OPSET, DEFAULT_OPSET, ExportRequest, export_engines
+        from .tensorrt_build import TensorRTOptions
 
+        given = {f: getattr(args, f) for f in TENSORRT_FLAGS if getattr(args, f) is not None}
+        if given and args.backend != "tensorrt":
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise HybridStitchError(f"{flags} apply to --backend tensorrt only")
+        opset = args.opset if args.opset is not None else (BF16_MIN_OPSET if args.precision == "bf16" else DEFAULT_OPSET)
         req = ExportRequest(
             large=args.large, small=args.small, height=args.height, width=args.width, batch=args.batch,
-            buckets=tuple(args.buckets), precision=args.precision, backend=args.backend, opset=args.opset,
-            text_tokens=args.text_tokens, overwrite=args.overwrite,
+            buckets=tuple(args.buckets), precision=args.precision, backend=args.backend, opset=opset,
+            text_tokens=args.text_tokens, overwrite=args.overwrite, fp32_blocks=_fp32_blocks(args.fp32_blocks),
+            tensorrt=TensorRTOptions(**given) if args.backend == "tensorrt" else None,
         )
         manifest = export_engines(req, args.out, progress=not args.quiet)
     except HybridStitchError as e:
@@ -63,6 +116,8 @@ def main(argv=None) -> int:
         out=args.out, engines=sorted(manifest.graphs), buckets=manifest.buckets, precision=manifest.precision,
         batch=manifest.batch, resolution=manifest.resolution, tokens=manifest.tokens,
     )
+    if manifest.tensorrt:
+        summary["tensorrt_builds"] = sorted(manifest.tensorrt.get("builds", {}))
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -11,7 +11,8 @@
       "backend": {"name": "onnxruntime", "version": "1.32.0"},
       "exporter": {"torch": "2.13.0", "onnx": "1.23.2", "onnxscript": "0.7.2"},
       "op": {"domain": "hybridstitch", "name": "CachedKVAttention", "version": "1"},
-      "precision": "fp32" | "fp16",
+      "precision": "fp32" | "fp16" | "bf16",   # bf16: TensorRT only (ONNX Runtime's CPU provider lacks bf16 kernels)
+      "fp32_blocks": [],                     # large-model blocks exported in float32 inside a fp16 graph
       "opset": 18,
       "resolution": {"height": 768, "width": 768, "latent_height": 96, "latent_width": 96,
                      "vae_scale_factor": 8},
@@ -27,7 +28,9 @@
                            "files": [{"name", "size", "sha256"}], "key": "<sha256 of what it was built from>",
                            "inputs": [{"name", "shape", "dtype"}], "outputs": [...],
                            "masked_tokens": null | k, "custom_nodes": 0 | n},
-                 "large": {...}, "large_masked_10": {...}, ...}
+                 "large": {...}, "large_masked_10": {...}, ...},
+      "tensorrt": null | {...}               # TensorRT engines built from these graphs, per GPU and TensorRT
+                                             # version: see hybridstitch.export.tensorrt_build
     }
 
 Dtypes are ONNX element-type names (``float``, ``float16``, ``int64``). The transformer
@@ -55,7 +58,7 @@ from hybridstitch.fileio import atomic_write_text
 FORMAT = "hybridstitch-engines"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def utc_now() -> str:
@@ -188,6 +191,8 @@ class Manifest:
     op: dict
     scheduler: dict | None = None
     graphs: dict[str, GraphEntry] = field(default_factory=dict)
+    fp32_blocks: list[int] = field(default_factory=list)  # large-model blocks kept in float32 (fp16 overflow)
+    tensorrt: dict | None = None  # engine builds: hybridstitch.export.tensorrt_build
     complete: bool = False
     created: str = ""
     updated: str = ""
@@ -221,8 +226,8 @@ class Manifest:
         d = asdict(self)
         # a stable, readable key order: identity first, graphs last
         order = ["format", "format_version", "created", "updated", "complete", "hybridstitch_version", "backend",
-                 "exporter", "op", "precision", "opset", "resolution", "batch", "tokens", "buckets", "models",
-                 "scheduler", "graphs"]
+                 "exporter", "op", "precision", "fp32_blocks", "opset", "resolution", "batch", "tokens", "buckets",
+                 "models", "scheduler", "graphs", "tensorrt"]
         return {k: d[k] for k in order}
 
     def save(self, folder: str) -> None:

@@ -15,7 +15,12 @@ so an interrupted export picks up where it stopped. Files are written into a tem
 inside the engine folder and renamed into place only once complete, and the manifest is
 rewritten (atomically) after each graph, so a failure at any point leaves the earlier engines
 and the earlier manifest as they were. A folder holding engines of another configuration
-(weights, resolution, batch, text tokens, precision, opset) is refused unless ``overwrite``.
+(weights, resolution, batch, text tokens, precision, fp32 blocks, opset) is refused unless ``overwrite``.
+
+``backend="tensorrt"`` exports the same ONNX graphs (they stay in the folder as the reference),
+checks each against the torch graph with ONNX Runtime, then builds one TensorRT engine per graph
+for this GPU and TensorRT version (:mod:`.tensorrt_build`; ``--compiler torch-tensorrt``:
+:mod:`.torch_tensorrt_build`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from hybridstitch.loading import read_json, transformer_dir
 from hybridstitch.masks import tokens_for_ratio
 from hybridstitch.plugins import OP_DOMAIN, OP_NAME, OP_VERSION
 
+from .tensorrt_build import TensorRTOptions
 from .graphs import FullGraph, FullLargeGraph, GraphShapes, MaskedLargeGraph, example_inputs, io_shapes
 from .manifest import (
     FORMAT_VERSION,
@@ -55,6 +61,8 @@ from .manifest import (
 BACKENDS = ("onnxruntime", "tensorrt")
 DEFAULT_BUCKETS = (0.1, 0.2, 0.3, 0.4)
 DEFAULT_OPSET = 18
+# Conv, LayerNorm and friends take bfloat16 only from opset 22 on.
+BF16_MIN_OPSET = 22
 # Above this many bytes of weights a graph is saved with external data (protobuf's 2 GB limit,
 # with room for the graph itself).
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -62,8 +70,8 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 SD3_TEXT_TOKENS = 77 + 256
 
 STRIPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-ONNX_FLOAT = {"fp32": "float", "fp16": "float16"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_FLOAT = {"fp32": "float", "fp16": "float16", "bf16": "bfloat16"}
 
 
 # -- the request -------------------------------------------------------------------------------------
@@ -86,6 +94,10 @@ class ExportRequest:
     vae_scale_factor: int | None = None  # None: from the large folder (SD3: 8; testbed: 1)
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     overwrite: bool = False
+    # Large-model blocks run in float32 inside a fp16 graph (casts at the block's edges). None:
+    # automatic -- block 35 of SD3.5 Large in fp16, as TensorRT's own SD3.5 demo; () for none.
+    fp32_blocks: tuple[int, ...] | None = None
+    tensorrt: TensorRTOptions | None = None  # backend="tensorrt" only; None: the defaults
 
     def __post_init__(self) -> None:
         self.buckets = tuple(sorted({float(r) for r in self.buckets}))
@@ -109,6 +121,28 @@ class ExportRequest:
             raise HybridStitchError(f"opset must be >= 18 (the dynamo exporter's lowest), got {self.opset}")
         if self.text_tokens is not None and self.text_tokens < 1:
             raise HybridStitchError(f"text_tokens must be >= 1, got {self.text_tokens}")
+        if self.precision == "bf16":
+            if self.backend != "tensorrt":
+                raise HybridStitchError(
+                    "bf16 graphs are for --backend tensorrt only: ONNX Runtime's CPU provider has no bfloat16 kernels. "
+                    "Export fp16 or fp32 for onnxruntime"
+                )
+            if self.opset < BF16_MIN_OPSET:
+                raise HybridStitchError(
+                    f"bf16 needs opset >= {BF16_MIN_OPSET} (Conv and LayerNormalization take bfloat16 from opset 22); "
+                    f"got {self.opset}: pass --opset {BF16_MIN_OPSET}"
+                )
+        if self.fp32_blocks is not None:
+            self.fp32_blocks = tuple(sorted({int(i) for i in self.fp32_blocks}))
+            if any(i < 0 for i in self.fp32_blocks):
+                raise HybridStitchError(f"fp32_blocks are block indices >= 0, got {list(self.fp32_blocks)}")
+        if self.backend == "tensorrt":
+            self.tensorrt = self.tensorrt or TensorRTOptions()
+        elif self.tensorrt is not None:
+            raise HybridStitchError(
+                "TensorRT options (compiler, attention, builder optimisation level, hardware compatibility, timing "
+                "cache, verify) apply to --backend tensorrt only"
+            )
 
 
 def vae_scale_factor_of(folder: str) -> int:
@@ -138,11 +172,72 @@ def scheduler_config_of(folder: str) -> dict | None:
 # -- build steps -----------------------------------------------------------------------------------
 
 
-class DenoiserFromCheckpoint:
-    """A diffusers folder -> :class:`TorchDenoiser` in the engine precision (loaded on first call)."""
+class UpcastBlock(torch.nn.Module):
+    """One transformer block run in float32 inside a lower-precision model.
 
-    def __init__(self, folder: str, role: str, dtype: torch.dtype):
+    Inputs are cast up and outputs back down at the block's edges, so an exported fp16 graph
+    holds this block's weights and arithmetic in float32 (strongly typed TensorRT builds keep
+    the ONNX types). This is what TensorRT's SD3.5 Large demo does to block 35, whose
+    activations overflow fp16. The block's image-token K/V cache slots are cast too: the
+    masked graph's cache inputs and outputs stay in the engine precision.
+    """
+
+    def __init__(self, block: torch.nn.Module, layer: int, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.output_dtype = next(block.parameters()).dtype
+        self.compute_dtype = compute_dtype
+        self.layer = layer
+        self.context_pre_only = block.context_pre_only  # read by diffusers' transformer loop
+        self.block = block.to(compute_dtype)
+
+    def _cast_cache(self, stitch, dtype: torch.dtype) -> None:
+        for slot in ((self.layer, "attn"), (self.layer, "attn2")):
+            kv = stitch.cache.layers.get(slot)
+            if kv is not None:
+                stitch.cache.layers[slot] = (kv[0].to(dtype), kv[1].to(dtype))
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+        stitch = (joint_attention_kwargs or {}).get("stitch")
+        if stitch is not None and stitch.mode == "masked":
+            self._cast_cache(stitch, self.compute_dtype)  # the op wants one float type
+        up = lambda x: x.to(self.compute_dtype) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        out = self.block(
+            hidden_states=up(hidden_states), encoder_hidden_states=up(encoder_hidden_states), temb=up(temb),
+            joint_attention_kwargs=joint_attention_kwargs,
+        )
+        if stitch is not None:
+            self._cast_cache(stitch, self.output_dtype)  # caches leave the block in the engine precision
+        return tuple(o.to(self.output_dtype) if isinstance(o, torch.Tensor) else o for o in out)
+
+
+# SD3.5 Large (38 blocks of 38 heads): TensorRT's demo/Diffusion upcasts transformer_blocks[35] in fp16.
+SD35_LARGE_FP32_BLOCKS = (35,)
+
+
+def resolve_fp32_blocks(requested: tuple[int, ...] | None, precision: str, spec: TransformerSpec) -> list[int]:
+    """The large-model blocks to export in float32: ``requested``, or automatically block 35 of
+    SD3.5 Large in fp16 (bf16 and fp32 have float32's range and need none)."""
+    if precision == "fp32":
+        return []  # the whole graph is float32 already
+    if requested is None:
+        sd35_large = spec.num_layers == 38 and spec.num_heads == 38
+        return list(SD35_LARGE_FP32_BLOCKS) if precision == "fp16" and sd35_large else []
+    bad = [i for i in requested if i >= spec.num_layers]
+    if bad:
+        raise HybridStitchError(
+            f"fp32 blocks {bad} do not exist: the large transformer has {spec.num_layers} blocks "
+            f"(0..{spec.num_layers - 1})"
+        )
+    return list(requested)
+
+
+class DenoiserFromCheckpoint:
+    """A diffusers folder -> :class:`TorchDenoiser` in the engine precision (loaded on first call),
+    with ``fp32_blocks`` wrapped in :class:`UpcastBlock`."""
+
+    def __init__(self, folder: str, role: str, dtype: torch.dtype, fp32_blocks=()):
         self.folder, self.role, self.dtype = folder, role, dtype
+        self.fp32_blocks = tuple(fp32_blocks)
         self._denoiser = None
 
     def __call__(self):
@@ -154,7 +249,9 @@ class DenoiserFromCheckpoint:
             model = load_transformer(self.folder, self.role, self.dtype)
             if next(model.parameters()).dtype != self.dtype:
                 model = model.to(self.dtype)
-            self._denoiser = TorchDenoiser(model, self.role)
+            self._denoiser = TorchDenoiser(model, self.role)  # installs the stitch processors first
+            for i in self.fp32_blocks:
+                model.transformer_blocks[i] = UpcastBlock(model.transformer_blocks[i], i)
         return self._denoiser
 
 
@@ -186,8 +283,43 @@ class OnnxFromGraph:
             # machine: drop them (keep the module scope names, useful in profiles)
             for key in STRIPPED_METADATA:
                 node.metadata_props.pop(key, None)
+        permutations_to_transpose(model)
         attach_function(model)
         return model
+
+
+def _permutation(equation: str) -> list[int] | None:
+    """``"nhwpqc->nchpwq"`` -> ``[0, 5, 1, 3, 2, 4]``; None when the equation is not a pure permutation."""
+    if equation.count("->") != 1 or "," in equation or "." in equation:
+        return None
+    src, dst = (side.strip() for side in equation.split("->"))
+    if len(set(src)) != len(src) or sorted(src) != sorted(dst):
+        return None
+    return [src.index(c) for c in dst]
+
+
+def permutations_to_transpose(model) -> int:
+    """Replace every one-input ``Einsum`` that only permutes axes (diffusers' unpatchify
+    ``nhwpqc->nchpwq``) by the equivalent ``Transpose``, in place; returns how many.
+
+    Same values bit for bit, and ONNX's Einsum has no bfloat16 type (a bf16 graph with one fails
+    the checker); TensorRT also runs a Transpose as a plain shuffle."""
+    import onnx_ir as ir
+
+    replaced = 0
+    for node in list(model.graph):
+        if node.op_type != "Einsum" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+            continue
+        attr = node.attributes.get("equation")
+        perm = _permutation(attr.value) if attr is not None else None
+        if perm is None:
+            continue
+        transpose = ir.Node("", "Transpose", inputs=[node.inputs[0]], attributes=[ir.AttrInt64s("perm", perm)],
+                            name=f"{node.name}_transpose" if node.name else None)
+        transpose.metadata_props.update(node.metadata_props)
+        ir.convenience.replace_nodes_and_values(model.graph, node, [node], [transpose], node.outputs, transpose.outputs)
+        replaced += 1
+    return replaced
 
 
 class FilesFromOnnx:
@@ -262,7 +394,7 @@ def plan_export(req: ExportRequest) -> ExportPlan:
     from hybridstitch.pipeline import check_pair
 
     if req.backend == "tensorrt":
-        _require_tensorrt()
+        _require_tensorrt(req)
     folders = {"large": transformer_dir(req.large, "large"), "small": transformer_dir(req.small, "small")}
     configs = {role: read_json(os.path.join(d, "config.json")) for role, d in folders.items()}
     specs = {role: TransformerSpec.from_config(cfg) for role, cfg in configs.items()}
@@ -282,6 +414,7 @@ def plan_export(req: ExportRequest) -> ExportPlan:
                 f"{req.height}x{req.width} is beyond the {role} transformer's positional embedding "
                 f"({limit} patches per side): export at most {limit * p * vae}x{limit * p * vae}"
             )
+    fp32_blocks = resolve_fp32_blocks(req.fp32_blocks, req.precision, specs["large"])
     text = req.text_tokens or text_tokens_of(req.large)
     shapes = GraphShapes(batch=req.batch, latent_height=lh, latent_width=lw, text_tokens=text)
     n = shapes.image_tokens(specs["large"])
@@ -306,13 +439,17 @@ def plan_export(req: ExportRequest) -> ExportPlan:
         exporter=dict(torch=torch.__version__, onnx=onnx.__version__, onnxscript=onnxscript.__version__),
         op=dict(domain=OP_DOMAIN, name=OP_NAME, version=OP_VERSION),
         scheduler=scheduler_config_of(req.large), hybridstitch_version=hybridstitch.__version__,
+        fp32_blocks=fp32_blocks,
     )
     common = dict(format_version=FORMAT_VERSION, op=manifest.op, shapes=vars(shapes), precision=req.precision,
                   opset=req.opset, backend=req.backend)
 
     def graph(name, kind, role, k=None, ratio=None):
         ins, outs = io_shapes(kind, specs[role], shapes, k)
-        key = sha256_json(dict(common, kind=kind, masked_tokens=k, weights=weights[role]["sha256"], config=configs[role]))
+        parts = dict(common, kind=kind, masked_tokens=k, weights=weights[role]["sha256"], config=configs[role])
+        if role == "large" and fp32_blocks:  # only when set: keys of earlier exports stay valid
+            parts["fp32_blocks"] = fp32_blocks
+        key = sha256_json(parts)
         return GraphPlan(name, kind, role, _tensor_infos(ins, req.precision), _tensor_infos(outs, req.precision), key, k, ratio)
 
     plan = ExportPlan(req, manifest, folders=folders)
@@ -330,20 +467,38 @@ def _backend_version(backend: str) -> str:
         import onnxruntime
 
         return onnxruntime.__version__
-    return "unknown"
+    try:
+        import tensorrt
+
+        return tensorrt.__version__
+    except ImportError:  # CPU tests with a fake toolchain; each build records its own TensorRT version
+        return "unknown"
 
 
-def _require_tensorrt() -> None:
+def _require_tensorrt(req: ExportRequest) -> None:
+    """Refuse a TensorRT export before anything is written when this machine cannot build engines.
+
+    A module-level hook: CPU tests replace it to drive the TensorRT export with a fake toolchain.
+    """
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is None:
-        raise HybridStitchError("TensorRT is not installed: pip install hybridstitch[gpu]")
-    raise HybridStitchError(
-        "--backend tensorrt is not available in this hybridstitch build yet; export with --backend onnxruntime"
-    )
+        raise HybridStitchError(
+            "TensorRT is not installed: pip install hybridstitch[gpu] (tensorrt >= 10.8, polygraphy) on a machine "
+            "with an NVIDIA GPU, or export with --backend onnxruntime"
+        )
+    needed = {"onnx": ("polygraphy", "polygraphy"), "torch-tensorrt": ("torch_tensorrt", "torch-tensorrt")}
+    module, package = needed[req.tensorrt.compiler]
+    if importlib.util.find_spec(module) is None:
+        raise HybridStitchError(f"--compiler {req.tensorrt.compiler} needs {package}: pip install {package}")
+    if not torch.cuda.is_available():
+        raise HybridStitchError(
+            "TensorRT builds engines for the GPU it runs on, and torch sees no CUDA device here; run the export on "
+            "the GPU machine that will serve the engines (with a CUDA build of torch)"
+        )
 
 
-CONFIG_FIELDS = ("precision", "opset", "batch", "resolution", "tokens", "backend")
+CONFIG_FIELDS = ("precision", "fp32_blocks", "opset", "batch", "resolution", "tokens", "backend")
 
 
 def _mismatch(old: Manifest, new: Manifest) -> str | None:
@@ -364,11 +519,12 @@ def _mismatch(old: Manifest, new: Manifest) -> str | None:
 # -- the export -----------------------------------------------------------------------------------
 
 
-def export_engines(req: ExportRequest, out: str, progress: bool = True) -> Manifest:
+def export_engines(req: ExportRequest, out: str, progress: bool = True, toolchain=None) -> Manifest:
     """Build (or finish building) the engines of ``req`` in ``out``; returns the manifest written.
 
     Raises HybridStitchError for bad requests and for folders holding other engines, before
-    anything is written.
+    anything is written. ``toolchain`` (TensorRT exports only): what builds and inspects engines,
+    :class:`~.tensorrt_build.TensorRTToolchain` by default.
     """
     plan = plan_export(req)
     manifest = plan.manifest
@@ -394,6 +550,8 @@ def export_engines(req: ExportRequest, out: str, progress: bool = True) -> Manif
 
     if old is not None:
         manifest.created, manifest.updated = old.created, old.updated
+        if req.backend == "tensorrt":
+            manifest.tensorrt = old.tensorrt  # engine builds of other GPUs / options stay listed
         # Buckets built before and not asked for now stay: adding a bucket never drops work.
         asked = {b["graph"] for b in manifest.buckets}
         for b in old.buckets:
@@ -405,7 +563,9 @@ def export_engines(req: ExportRequest, out: str, progress: bool = True) -> Manif
     else:
         manifest.created = utc_now()
 
-    loaders = {role: DenoiserFromCheckpoint(getattr(req, role), role, DTYPES[req.precision]) for role in ("large", "small")}
+    blocks = {"large": manifest.fp32_blocks, "small": []}
+    loaders = {role: DenoiserFromCheckpoint(getattr(req, role), role, DTYPES[req.precision], blocks[role])
+               for role in ("large", "small")}
     for g in plan.graphs:
         previous = old.graphs.get(g.name) if old is not None else None
         bar = tqdm(total=4, desc=f"{g.name}", unit="step", disable=not progress, leave=True)
@@ -425,6 +585,10 @@ def export_engines(req: ExportRequest, out: str, progress: bool = True) -> Manif
     manifest.updated = manifest.updated or utc_now()
     if old is None or old.to_dict() != manifest.to_dict():  # an up-to-date rerun writes nothing
         manifest.save(out)
+    if req.backend == "tensorrt":
+        from .tensorrt_build import build_engines
+
+        build_engines(plan, out, loaders, progress=progress, toolchain=toolchain)
     return manifest
 
 
@@ -466,11 +630,15 @@ def _check_io(model, g: GraphPlan) -> None:
 
 
 __all__ = [
+    "BF16_MIN_OPSET",
     "DEFAULT_BUCKETS",
     "DenoiserFromCheckpoint",
     "ExportRequest",
     "FilesFromOnnx",
     "OnnxFromGraph",
     "export_engines",
+    "permutations_to_transpose",
     "plan_export",
+    "resolve_fp32_blocks",
+    "UpcastBlock",
 ]

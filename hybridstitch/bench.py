@@ -166,87 +166,15 @@ def replay_stages(config: StitchConfig, num_steps: int, switches: ReplaySwitches
 
 def replay_denoise(large, small, scheduler, latents, cond, config: StitchConfig, stages: list[Stage],
                    guidance_scale: float, device=None):
-    """The pipeline's denoising loop (:meth:`HybridStitchPipeline._denoise`) with given stages.
-
-    Same functions (masks, tokens, metrics, scheduler), same per-call timing and overhead
-    accounting, so its trace reads like the pipeline's. ``latents`` [B, C, h, w];
-    ``cond``: :class:`~hybridstitch.conditioning.Conditioning`, CFG-batched when guidance is on.
+    """The pipeline's denoising loop with given stages (:meth:`HybridStitchPipeline.denoise` with a
+    ``schedule``), on denoisers built outside a pipeline. ``latents`` [B, C, h, w]; ``cond``:
+    :class:`~hybridstitch.conditioning.Conditioning`, CFG-batched when guidance is on.
     Returns ``(latents, trace)`` with ``trace.total_seconds`` the whole call.
     """
-    import torch
+    from .pipeline import HybridStitchPipeline
 
-    from .masks import select_mask, token_scores
-    from .metrics import predict_x0, relative_l1
-    from .pipeline import synchronize
-    from .tokens import gather_tokens, merge_masked, patchify
-    from .trace import StepRecord, Trace
-
-    t_start = time.perf_counter()
-    device = torch.device(device or latents.device)
-    scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(len(stages), device=device)
-    timesteps, sigmas = scheduler.timesteps, scheduler.sigmas.tolist()
-    do_cfg = guidance_scale > 1.0
-    p = large.spec.patch_size
-    batch, _, h, w = latents.shape
-    num_tokens = (h // p) * (w // p)
-    cfg_batch = batch * (2 if do_cfg else 1)
-    trace = Trace(config=config.to_dict(), num_steps=len(stages), height=h, width=w, batch=batch,
-                  backend=getattr(large, "backend", "torch"))
-    large.validate_request(cfg_batch, h, w, config)
-    small.validate_request(cfg_batch, h, w, config)
-    cache = large.new_cache(cfg_batch, h, w) if config.needs_kv_cache and any(s.kind == "masked" for s in stages) else None
-    x0_prev = scores = frozen_scores = None
-
-    def call(record, name: str, fn):
-        synchronize(device)
-        t0 = time.perf_counter()
-        out = fn()
-        synchronize(device)
-        record.seconds[name] = record.seconds.get(name, 0.0) + time.perf_counter() - t0
-        return out
-
-    with torch.no_grad():
-        for i, t in enumerate(timesteps):
-            t_step = time.perf_counter()
-            stage = stages[i]
-            rec = StepRecord(step=i, timestep=float(t), sigma=sigmas[i], stage=stage.index,
-                             stage_kind=stage.kind, d=None, mask_ratio=stage.mask_ratio)
-            latent_in = torch.cat([latents, latents]) if do_cfg else latents  # [B', C, h, w]
-            args = (latent_in, cond.prompt_embeds, cond.pooled, t.expand(latent_in.shape[0]))
-            if stage.kind == "large":
-                v = call(rec, "large", lambda: large.forward(*args, cache=cache))
-            elif stage.kind == "small":
-                v = call(rec, "small", lambda: small.forward(*args))
-            else:
-                if config.mask_mode == "static" and frozen_scores is None:
-                    frozen_scores = scores
-                k, bucket = large.masked_token_count(stage.mask_ratio, num_tokens)
-                index = select_mask(frozen_scores if config.mask_mode == "static" else scores, k)  # [B, k]
-                index_in = torch.cat([index, index]) if do_cfg else index
-                rec.masked_tokens = k
-                v_small = call(rec, "small", lambda: small.forward(*args))
-                if config.stage2_large == "masked":
-                    tokens = call(rec, "large_masked", lambda: large.forward_masked(*args, index=index_in, cache=cache))
-                else:
-                    v_large = call(rec, "large", lambda: large.forward(*args))
-                    tokens = gather_tokens(patchify(v_large, p), index_in)
-                v = merge_masked(v_small, tokens, index_in, p)
-                rec.bucket_ratio = bucket
-            if do_cfg:
-                v_uncond, v_text = v.chunk(2)
-                v = v_uncond + guidance_scale * (v_text - v_uncond)
-            x0 = predict_x0(latents, v, sigmas[i])
-            if x0_prev is not None:
-                rec.d = relative_l1(x0, x0_prev)
-                scores = token_scores(x0, x0_prev, p)
-            x0_prev = x0
-            latents = scheduler.step(v, t, latents, return_dict=False)[0]
-            rec.overhead_seconds = max(0.0, time.perf_counter() - t_step - sum(rec.seconds.values()))
-            trace.steps.append(rec)
-    trace.switch_steps = [i for i in range(1, len(stages)) if stages[i].index != stages[i - 1].index]
-    trace.total_seconds = time.perf_counter() - t_start
-    return latents, trace
+    pipe = HybridStitchPipeline(large, small, scheduler, device=device or latents.device)
+    return pipe.denoise(latents, cond, config, len(stages), guidance_scale, schedule=stages)
 
 
 # -- backends --------------------------------------------------------------------------------------

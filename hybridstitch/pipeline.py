@@ -23,7 +23,7 @@ from .errors import HybridStitchError
 from .latency_model import warn_if_bound_violated
 from .masks import select_mask, token_scores
 from .metrics import predict_x0, relative_l1
-from .policy import StagePolicy
+from .policy import ReplayPolicy, Stage, StagePolicy
 from .tokens import gather_tokens, merge_masked, patchify
 from .trace import StepRecord, Trace
 
@@ -139,22 +139,33 @@ class HybridStitchPipeline:
         anything runs; requests are then checked against the manifest's resolution, batch and
         buckets. The text encoders / VAE come from ``conditioner_folder``, else from the large
         checkpoint folder recorded in the manifest (none: pass ``prompt_embeds`` and
-        ``output_type="latent"``). ``backend`` defaults to the manifest's; ``providers`` (CPU by
-        default; ``"cuda"``, ``"tensorrt"`` with onnxruntime-gpu) and ``num_threads`` go to ONNX Runtime.
+        ``output_type="latent"``). ``backend`` (``"onnxruntime"`` or ``"tensorrt"``) defaults to the
+        manifest's (to onnxruntime when ``providers`` or ``num_threads`` is given); ``providers`` (CPU
+        by default; ``"cuda"``, ``"tensorrt"`` with onnxruntime-gpu) and ``num_threads`` go to ONNX
+        Runtime. TensorRT engines load the folder's build for this GPU
+        (:func:`hybridstitch.engine.tensorrt_backend.load_engines`).
         """
         import os
 
         from .loading import load_conditioner
 
-        if backend not in (None, "onnxruntime"):
-            raise HybridStitchError(
-                f"backend {backend!r} cannot run engines in this hybridstitch build; export and run ONNX Runtime "
-                "engines (hybridstitch-export --backend onnxruntime)"
-            )
-        from hybridstitch.engine.onnxruntime_backend import load_engines
+        if backend not in (None, "onnxruntime", "tensorrt"):
+            raise HybridStitchError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt (or None: the manifest's)")
+        if backend is None and providers is None and num_threads is None:  # else: ONNX Runtime settings were given
+            from hybridstitch.export.manifest import read_manifest
 
-        engines = load_engines(engine_dir, providers=providers, num_threads=num_threads,
-                               check_weights=check_weights, verify_files=verify_files)
+            backend = read_manifest(engine_dir).backend.get("name", "onnxruntime")
+        if backend == "tensorrt":
+            if providers is not None or num_threads is not None:
+                raise HybridStitchError("providers and num_threads are ONNX Runtime settings; TensorRT engines take neither")
+            from hybridstitch.engine.tensorrt_backend import load_engines as load_tensorrt_engines
+
+            engines = load_tensorrt_engines(engine_dir, check_weights=check_weights, verify_files=verify_files)
+        else:
+            from hybridstitch.engine.onnxruntime_backend import load_engines
+
+            engines = load_engines(engine_dir, providers=providers, num_threads=num_threads,
+                                   check_weights=check_weights, verify_files=verify_files)
         manifest = engines.manifest
         vae_scale = int(manifest.resolution["vae_scale_factor"])
         if conditioner_folder is not None and not os.path.isdir(conditioner_folder):
@@ -314,18 +325,11 @@ class HybridStitchPipeline:
                 raise HybridStitchError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
             latents = latents.to(self.device, self.dtype)
 
-        # 4. Timesteps: a private scheduler per request, so concurrent calls never share a step index
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        timesteps = scheduler.timesteps
-        sigmas = scheduler.sigmas.tolist()
-
-        # 5. Denoise
-        trace = Trace(config=config.to_dict(), num_steps=num_inference_steps, height=height, width=width,
-                      batch=batch, backend=self.backend)
-        latents = self._denoise(
-            latents, cond, config, timesteps, sigmas, scheduler, guidance_scale, do_cfg, trace, progress, record_masks
+        # 4-5. Timesteps and the denoising loop
+        latents, trace = self.denoise(
+            latents, cond, config, num_inference_steps, guidance_scale, progress=progress, record_masks=record_masks
         )
+        trace.height, trace.width = height, width
         # The mask-ratio bound t_l(r) + t_s < t_l on this run's own call times: warn once per config.
         warn_if_bound_violated(config, trace, self.__dict__.setdefault("_latency_bound_warned", set()))
 
@@ -337,12 +341,40 @@ class HybridStitchPipeline:
         trace.total_seconds = time.perf_counter() - t_start
         return HybridStitchOutput(images=images, trace=trace)
 
-    def _denoise(self, latents, cond, config, timesteps, sigmas, scheduler, guidance_scale, do_cfg, trace, progress, record_masks):
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        cond: Conditioning,
+        config: StitchConfig,
+        num_inference_steps: int,
+        guidance_scale: float,
+        schedule: list[Stage] | None = None,
+        progress: bool = False,
+        record_masks: bool = False,
+    ) -> tuple[torch.Tensor, Trace]:
+        """The denoising loop alone (steps 4-5 of ``__call__``), for callers that bring their own
+        latents [B, C, h, w] and CFG-batched conditioning ([uncond..., cond...] when guidance is on).
+
+        ``schedule`` replays a fixed stage per step instead of the stage policy (latency
+        benchmarks with given switch steps); differences and masks are computed as usual.
+        Returns the final latents and the trace (``total_seconds`` = this call).
+        """
+        t_start = time.perf_counter()
+        if schedule is not None and len(schedule) != num_inference_steps:
+            raise HybridStitchError(f"schedule has {len(schedule)} stages for {num_inference_steps} steps; give one per step")
+        do_cfg = guidance_scale > 1.0
+        # A private scheduler per request, so concurrent calls never share a step index.
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        timesteps = scheduler.timesteps
+        sigmas = scheduler.sigmas.tolist()
         p = self.large.spec.patch_size
-        _, _, h, w = latents.shape
+        batch, _, h, w = latents.shape
         num_tokens = (h // p) * (w // p)
-        cfg_batch = latents.shape[0] * (2 if do_cfg else 1)
-        policy = StagePolicy(config, len(timesteps))
+        cfg_batch = batch * (2 if do_cfg else 1)
+        trace = Trace(config=config.to_dict(), num_steps=num_inference_steps, height=h, width=w,
+                      batch=batch, backend=self.backend)
+        policy = StagePolicy(config, num_inference_steps) if schedule is None else ReplayPolicy(config, schedule)
         # Backends with fixed shapes (engines) refuse a request they cannot serve before any work.
         self.large.validate_request(cfg_batch, h, w, config)
         self.small.validate_request(cfg_batch, h, w, config)
@@ -412,4 +444,5 @@ class HybridStitchPipeline:
             trace.steps.append(rec)
 
         trace.switch_steps = list(policy.switch_steps)
-        return latents
+        trace.total_seconds = time.perf_counter() - t_start
+        return latents, trace

@@ -113,3 +113,23 @@ class StagePolicy:
         self._pos += 1
         if first_step < self.num_steps:
             self.switch_steps.append(first_step)
+
+
+class ReplayPolicy(StagePolicy):
+    """A fixed stage per step (given switch steps), ignoring the differences: latency benchmarks
+    replay a measured schedule on other models with it."""
+
+    def __init__(self, config: StitchConfig, schedule: list[Stage]):
+        super().__init__(config, len(schedule))
+        self._schedule = list(schedule)
+        self.switch_steps = [i for i in range(1, len(schedule)) if schedule[i].index != schedule[i - 1].index]
+
+    @property
+    def stage(self) -> Stage:
+        return self._schedule[0]
+
+    def stage_for_step(self, step: int) -> Stage:
+        return self._schedule[step]
+
+    def observe(self, step: int, d: float | None) -> None:
+        """Differences are traced but do not change a replayed schedule."""

@@ -1,0 +1,126 @@
+"""The second compiler path: the torch graphs compiled by Torch-TensorRT (``--compiler torch-tensorrt``).
+
+Where the ONNX path parses the exported ONNX graph, this one hands the same torch graph modules
+(``export/graphs.py``: the full small, the full large with its cache outputs, the masked large per
+bucket, fp32 blocks included) to ``torch_tensorrt.dynamo``: ``torch.export`` traces them on the
+GPU, and ``convert_exported_program_to_serialized_trt_engine`` turns each into one serialized,
+explicitly typed TensorRT engine, saved under the same manifest as the ONNX-path engines (build
+``<target>/trt<version>/torch-tensorrt-plugin``), so the two can be compared on one GPU.
+
+The attention op. On CUDA the masked graph calls the ``torch.library`` op
+``hybridstitch::cached_kv_attention`` (``plugins/torch_op.py``: a Triton kernel). Torch-TensorRT
+generates a TensorRT plugin for it from the op itself
+(``torch_tensorrt.dynamo.conversion.plugins.custom_op``: a plugin descriptor from the op's fake
+implementation, a JIT implementation that calls the op on TensorRT's stream, and the converter
+that puts the plugin in the network). Two consequences, both recorded in the manifest:
+
+- it is a JIT (Python) plugin: loading these engines needs Python with torch, torch-tensorrt and
+  this package (:func:`register_op_plugin` runs before deserialising), unlike the ONNX path's AOT
+  plugin whose PTX lives in the engine;
+- the op is functional (it returns fresh caches: the plugin's cache outputs are not aliased to
+  its inputs), so the Triton kernel runs on a copy of each cache. The AOT plugin of the ONNX path
+  (``plugins/tensorrt_plugin.py``) cannot stand in for it: that kernel writes only the k fresh
+  rows and relies on the outputs being the (aliased) input caches.
+
+Torch-TensorRT is imported lazily, like TensorRT: this module imports without either.
+Written against Torch-TensorRT 2.6+'s documented API; it has not run in this workplace (no
+TensorRT here), see docs/tensorrt.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hybridstitch.errors import HybridStitchError
+
+# The torch op Torch-TensorRT turns into a plugin; its plugin id is the op's qualified name.
+OP_PLUGIN = "hybridstitch::cached_kv_attention"
+_REGISTERED: set[str] = set()
+
+
+def _torch_tensorrt():
+    try:
+        import torch_tensorrt
+    except ImportError as e:
+        raise HybridStitchError(
+            "--compiler torch-tensorrt needs torch-tensorrt (pip install torch-tensorrt, matching your torch and "
+            "TensorRT versions), or build with --compiler onnx"
+        ) from e
+    return torch_tensorrt
+
+
+def register_op_plugin() -> str:
+    """Have Torch-TensorRT generate (once per process) the plugin and converter of
+    ``hybridstitch::cached_kv_attention``; returns the plugin id. Needed before compiling a masked
+    graph and before deserialising an engine that holds the plugin."""
+    if OP_PLUGIN in _REGISTERED:
+        return OP_PLUGIN
+    _torch_tensorrt()
+    from torch_tensorrt.dynamo.conversion.plugins import custom_op
+
+    import hybridstitch.plugins.torch_op  # noqa: F401  (registers torch.ops.hybridstitch.cached_kv_attention)
+
+    # static shapes per bucket: the engines take no dynamic dimension
+    custom_op(OP_PLUGIN, supports_dynamic_shapes=False)
+    _REGISTERED.add(OP_PLUGIN)
+    return OP_PLUGIN
+
+
+def compile_settings(options, timing_cache: str | None) -> dict:
+    """``convert_exported_program_to_serialized_trt_engine`` keyword arguments for ``options``."""
+    settings = dict(
+        use_explicit_typing=True,  # the graph's dtypes (fp16/bf16, fp32 blocks), as the ONNX path's strong typing
+        min_block_size=1,
+        require_full_compilation=True,  # one engine per graph, no fallback to torch
+        immutable_weights=True,
+    )
+    if options.builder_optimization_level is not None:
+        settings["optimization_level"] = options.builder_optimization_level
+    if options.hardware_compatibility == "ampere_plus":
+        settings["hardware_compatible"] = True
+    if timing_cache is not None:
+        settings["timing_cache_path"] = timing_cache
+    return settings
+
+
+class EngineBytesFromTorch:
+    """A torch graph module and example inputs -> a serialized TensorRT engine, through Torch-TensorRT.
+
+    The module and inputs are moved to the GPU for tracing and compiling, then the module goes
+    back where it was (the same checkpoint serves every bucket)."""
+
+    def __init__(self, module: torch.nn.Module, example: tuple, options, timing_cache: str | None):
+        self.module, self.example, self.options, self.timing_cache = module, example, options, timing_cache
+
+    def __call__(self) -> bytes:
+        torch_tensorrt = _torch_tensorrt()
+        register_op_plugin()
+        if self.timing_cache is not None:
+            os.makedirs(os.path.dirname(self.timing_cache) or ".", exist_ok=True)
+        device = torch.device("cuda", torch.cuda.current_device())
+        previous = next(self.module.parameters()).device
+        example = tuple(x.to(device) for x in self.example)
+        try:
+            with torch.no_grad():
+                self.module.to(device)
+                # on CUDA tensors the masked graph's attention traces to the torch.library op
+                program = torch.export.export(self.module.eval(), example, strict=False)
+                data = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(
+                    program, arg_inputs=list(example), **compile_settings(self.options, self.timing_cache)
+                )
+        except HybridStitchError:
+            raise
+        except Exception as e:  # Torch-TensorRT raises its own and torch's exception types
+            raise HybridStitchError(
+                f"Torch-TensorRT could not compile the graph: {type(e).__name__}: {e}. Try --compiler onnx"
+            ) from e
+        finally:
+            self.module.to(previous)
+        if not data:
+            raise HybridStitchError("Torch-TensorRT returned no engine (see its log above); try --compiler onnx")
+        return bytes(data)
+
+
+__all__ = ["EngineBytesFromTorch", "OP_PLUGIN", "compile_settings", "register_op_plugin"]
