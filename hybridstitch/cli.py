@@ -119,7 +119,7 @@ def _calibrate(args) -> int:
     return 0
 
 
-# command -> (add its parser, run it); the optional ones are added only when their module imports.
+# command -> (add its parser, run it)
 COMMANDS = {
     "generate": (_add_generate, _generate),
     "demo": (_add_demo, _demo),
@@ -133,10 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     sub = parser.add_subparsers(dest="command")
     for add, _ in COMMANDS.values():
-        try:
-            add(sub)
-        except ImportError:  # a module still missing from this install
-            continue
+        add(sub)
     return parser
 
 
