@@ -64,3 +64,23 @@ def test_unknown_preset_lists_choices():
     with pytest.raises(HybridStitchError) as e:
         StitchConfig.preset("hybridstitch-50")
     assert "hybridstitch-30" in str(e.value) and "custom" in str(e.value)
+
+
+TESTBED = ["testbed-10", "testbed-20", "testbed-30", "testbed-40", "testbed-30-static", "testbed-30-fulllarge",
+           "testbed-20-10", "testbed-30-10", "testbed-40-30", "testbed-srdiffusion"]
+
+
+def test_testbed_presets_validate_and_follow_their_derivation():
+    for name in TESTBED:
+        assert StitchConfig.preset(name).name == name
+    for pct in (10, 20, 30, 40):
+        cfg = StitchConfig.preset(f"testbed-{pct}")
+        assert cfg.method == "hybridstitch" and cfg.mask_ratios == (pct / 100,) and len(cfg.thresholds) == 2
+    t30 = StitchConfig.preset("testbed-30")
+    static, full = StitchConfig.preset("testbed-30-static"), StitchConfig.preset("testbed-30-fulllarge")
+    assert static.thresholds == t30.thresholds and static.mask_mode == "static"
+    assert full.thresholds == t30.thresholds and full.stage2_large == "full"
+    for multi, first in (("testbed-20-10", "testbed-20"), ("testbed-30-10", "testbed-30"), ("testbed-40-30", "testbed-40")):
+        cfg = StitchConfig.preset(multi)
+        assert len(cfg.mask_ratios) == 2 and cfg.thresholds[:2] == StitchConfig.preset(first).thresholds
+    assert StitchConfig.preset("testbed-srdiffusion").method == "srdiffusion"
