@@ -1,0 +1,62 @@
+"""``benchmarks/quality.py``: the Tables 1-3 benchmark on a tiny configuration."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hybridstitch.errors import HybridStitchError
+from hybridstitch.testbed import LARGE_DIR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "benchmarks", "quality.py")
+
+needs_weights = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(LARGE_DIR, "transformer", "config.json")),
+    reason="testbed weights not trained (python -m hybridstitch.testbed.train)",
+)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("quality_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_resolve_methods_puts_large_first_and_refuses_unknown_names():
+    q = load_script()
+    rows = q.resolve_methods("small,large,hybridstitch-30-static,hybridstitch-30,testbed-30-static")
+    assert [r[0] for r in rows] == ["large", "small", "hybridstitch-30-static", "hybridstitch-30", "staticmask-30"]
+    assert rows[2][1] == "hybridstitch-30-static" and rows[2][2] == "-"  # a bare preset
+    assert rows[3][1] == "testbed-30"  # row labels before preset names
+    with pytest.raises(HybridStitchError, match="unknown method 'nope'"):
+        q.resolve_methods("nope")
+    assert q.is_ablation("staticmask-30", "2") and q.is_ablation("hybridstitch-30 (paper thresholds)", "1")
+    assert not q.is_ablation("hybridstitch-30", "1")
+
+
+@needs_weights
+def test_tiny_run_writes_json_markdown_and_plot(tmp_path):
+    out = tmp_path / "quality"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--methods", "large,small,t-stitch", "--samples-per-seed", "8", "--seeds", "0,1",
+         "--ablation-seeds", "1", "--steps", "3", "--batch-size", "4", "--latency-rounds", "1", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "quality.json").read_text())
+    m = report["methods"]
+    assert list(m) == ["large", "small", "t-stitch"]
+    assert m["large"]["samples"] == 16 and m["small"]["samples"] == 16
+    assert m["large"]["speedup_modelled"] == pytest.approx(1.0) and m["large"]["feature_distance"] == 0.0
+    assert m["small"]["speedup_modelled"] > 1.0 and m["small"]["feature_distance"] > 0.0
+    assert [p["seed"] for p in m["small"]["per_seed"]] == [0, 1]
+    assert set(report["real_fd_floor"]) == {"8", "16"}
+    md = (tmp_path / "quality.md").read_text()
+    assert "| 1 | small | small | 16 |" in md and "Real-vs-real FD floor" in md
+    assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
