@@ -324,6 +324,16 @@ class OrtLargeDenoiser(OrtDenoiser):
             f"{ratio:g}), or choose mask ratios of at most {self.buckets[-1][1] if self.buckets else 0:g}"
         )
 
+    def _masked_graph(self, k: int):
+        """The masked graph of the bucket with exactly ``k`` tokens."""
+        graph = self.masked.get(k)
+        if graph is None:
+            raise HybridStitchError(
+                f"no masked engine takes {k} tokens; the buckets hold {[kk for kk, _ in self.buckets]} "
+                "(ask masked_token_count for the token count of a ratio)"
+            )
+        return graph
+
     # -- caches ----------------------------------------------------------------------------------
 
     def new_cache(self, batch: int, height: int, width: int) -> OrtKVCache:
@@ -362,13 +372,7 @@ class OrtLargeDenoiser(OrtDenoiser):
     def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, cache: OrtKVCache):
         if not cache.filled:
             raise RuntimeError("masked forward before any full forward filled the KV cache")
-        k = int(index.shape[1])
-        graph = self.masked.get(k)
-        if graph is None:
-            raise HybridStitchError(
-                f"no masked engine takes {k} tokens; the buckets hold {[kk for kk, _ in self.buckets]} "
-                "(ask masked_token_count for the token count of a ratio)"
-            )
+        graph = self._masked_graph(int(index.shape[1]))
         inputs = self._full_inputs(graph, latents, prompt_embeds, pooled, timestep)
         inputs["index"] = graph.prepare("index", index)
         inputs.update(cache.current)

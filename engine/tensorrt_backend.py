@@ -330,13 +330,7 @@ class TrtLargeDenoiser(OrtLargeDenoiser):
         self._check_cache(cache)
         if not cache.filled:
             raise RuntimeError("masked forward before any full forward filled the KV cache")
-        k = int(index.shape[1])
-        graph = self.masked.get(k)
-        if graph is None:
-            raise HybridStitchError(
-                f"no masked engine takes {k} tokens; the buckets hold {[kk for kk, _ in self.buckets]} "
-                "(ask masked_token_count for the token count of a ratio)"
-            )
+        graph = self._masked_graph(int(index.shape[1]))
         caches = {**cache.current, **{f"new_{name}": t for name, t in cache.spare.items()}}
         with self.stream():
             self._load_full(graph, latents, prompt_embeds, pooled, timestep)
