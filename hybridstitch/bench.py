@@ -263,7 +263,9 @@ class TestbedWorkload:
                     f"testbed weights not found at {d}; train them with `python -m hybridstitch.testbed.train` "
                     "or pass --testbed-large/--testbed-small"
                 )
-        self.methods = [testbed_preset(m) for m in args.methods]
+        # The calibrated testbed-* presets fit the shipped pair only; other folders keep the names given.
+        shipped = not (args.testbed_large or args.testbed_small)
+        self.methods = [testbed_preset(m) if shipped else m for m in args.methods]
         self._eager = self._load()
         p = self._eager
         size = args.testbed_size or (p.default_sample_size or 128) * p.vae_scale_factor
