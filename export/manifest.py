@@ -129,6 +129,19 @@ def weights_changed(transformer_dir: str, recorded: dict) -> str | None:
     return None
 
 
+def file_problem(folder: str, name: str, size: int, sha256: str, hash_files: bool = True, recorded_at: str = "export") -> str | None:
+    """Why ``folder/name`` is not the file recorded (missing, resized, other sha256), or None. Reads only."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return f"{name} is missing"
+    actual = os.path.getsize(path)
+    if actual != size:
+        return f"{name} is {actual} bytes, {size} when built (truncated or replaced)"
+    if hash_files and sha256_file(path) != sha256:
+        return f"{name} is corrupted (sha256 differs from the one recorded at {recorded_at})"
+    return None
+
+
 @dataclass
 class TensorInfo:
     name: str
@@ -166,14 +179,9 @@ class GraphEntry:
     def check_files(self, folder: str, hash_files: bool = True) -> str | None:
         """Why this graph's files are not as built (None when they are). Reads only."""
         for rec in self.files:
-            path = os.path.join(folder, rec["name"])
-            if not os.path.isfile(path):
-                return f"{rec['name']} is missing"
-            size = os.path.getsize(path)
-            if size != rec["size"]:
-                return f"{rec['name']} is {size} bytes, {rec['size']} when built (truncated or replaced)"
-            if hash_files and sha256_file(path) != rec["sha256"]:
-                return f"{rec['name']} is corrupted (sha256 differs from the one recorded at export)"
+            why = file_problem(folder, rec["name"], rec["size"], rec["sha256"], hash_files, recorded_at="export")
+            if why is not None:
+                return why
         return None
 
 

@@ -70,7 +70,7 @@ from typing import Any, Callable
 
 from hybridstitch.errors import HybridStitchError
 
-from .manifest import sha256_file, sha256_json, utc_now
+from .manifest import file_problem, sha256_file, sha256_json, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -282,15 +282,7 @@ def select_build(manifest, device: DeviceInfo, folder: str, attention: str | Non
 
 def check_engine_file(folder: str, record: dict, hash_files: bool = True) -> str | None:
     """Why an engine file is not as built (None when it is). Reads only."""
-    path = os.path.join(folder, record["file"])
-    if not os.path.isfile(path):
-        return f"{record['file']} is missing"
-    size = os.path.getsize(path)
-    if size != record["size"]:
-        return f"{record['file']} is {size} bytes, {record['size']} when built (truncated or replaced)"
-    if hash_files and sha256_file(path) != record["sha256"]:
-        return f"{record['file']} is corrupted (sha256 differs from the one recorded at build)"
-    return None
+    return file_problem(folder, record["file"], record["size"], record["sha256"], hash_files, recorded_at="build")
 
 
 def onnx_sha256(entry) -> str:
