@@ -16,21 +16,10 @@ from hybridstitch.denoiser import MaskedDenoiser
 from hybridstitch.engine.onnxruntime_backend import OrtKVCache, load_engines, resolve_providers, session_options
 from hybridstitch.engine.torch_backend import TorchDenoiser
 from hybridstitch.loading import load_transformer
-from hybridstitch.masks import select_mask
-from hybridstitch.tokens import gather_tokens, patchify
-from tests.conftest import JOINT_DIM, POOLED_DIM, text_inputs
+from tests.conftest import JOINT_DIM, text_inputs
+from tests.engine.parity import assert_caches_match, assert_masked_parity, inputs, rel
 
 STEPS = 8
-
-
-def rel(a, b) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
-
-
-def inputs(batch=2, seed=0, t=500.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 16, 8, 8, generator=g), torch.randn(batch, 7, JOINT_DIM, generator=g),
-            torch.randn(batch, POOLED_DIM, generator=g), torch.full((batch,), t))
 
 
 def snapshot(folder):
@@ -71,35 +60,12 @@ def test_full_forwards_match_torch(engines, torch_pair):
     cache, ref_cache = engines.large.new_cache(2, 8, 8), large.new_cache(2, 8, 8)
     assert rel(engines.large.forward(x, pe, pooled, t, cache=cache), large.forward(x, pe, pooled, t, cache=ref_cache)) < 1e-5
     assert rel(engines.large.forward(x, pe, pooled, t), large.forward(x, pe, pooled, t)) < 1e-5  # no cache kept
-    got = cache.to_torch()
-    for (layer, attn), (k, v) in ref_cache.layers.items():
-        assert rel(got[f"cache_k.{layer}.{attn}"], k) < 1e-5 and rel(got[f"cache_v.{layer}.{attn}"], v) < 1e-5
+    assert_caches_match(cache, ref_cache)
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.3])
 def test_masked_forward_fresh_and_stale_cache_match_torch(engines, torch_pair, ratio):
-    large, _ = torch_pair
-    x, pe, pooled, t = inputs(seed=1)
-    cache, ref_cache = engines.large.new_cache(2, 8, 8), large.new_cache(2, 8, 8)
-    engines.large.forward(x, pe, pooled, t, cache=cache)
-    full = large.forward(x, pe, pooled, t, cache=ref_cache)
-    k, bucket = engines.large.masked_token_count(ratio, 16)
-    assert bucket == ratio
-    g = torch.Generator().manual_seed(2)
-    # fresh: equals the torch masked forward and the full forward at the masked tokens
-    idx = select_mask(torch.rand(2, 16, generator=g), k)
-    out = engines.large.forward_masked(x, pe, pooled, t, idx, cache)
-    assert out.shape == (2, k, 64)
-    assert rel(out, large.forward_masked(x, pe, pooled, t, idx, ref_cache)) < 1e-5
-    assert rel(out, gather_tokens(patchify(full, 2), idx)) < 1e-5
-    # stale: a later step on a moved latent, with new masked positions, over the cache of both steps
-    x2 = x + 0.3 * torch.randn(x.shape, generator=g)
-    idx2 = select_mask(torch.rand(2, 16, generator=g), k)
-    out2 = engines.large.forward_masked(x2, pe, pooled, t * 0.8, idx2, cache)
-    assert rel(out2, large.forward_masked(x2, pe, pooled, t * 0.8, idx2, ref_cache)) < 1e-5
-    got = cache.to_torch()
-    for (layer, attn), (kk, vv) in ref_cache.layers.items():
-        assert rel(got[f"cache_k.{layer}.{attn}"], kk) < 1e-5 and rel(got[f"cache_v.{layer}.{attn}"], vv) < 1e-5
+    assert_masked_parity(engines, torch_pair[0], ratio)
 
 
 def test_cache_stays_in_ortvalues_and_swaps_buffers(engines):

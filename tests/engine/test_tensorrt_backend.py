@@ -24,8 +24,8 @@ from hybridstitch.export.manifest import read_manifest
 from hybridstitch.export.onnx_export import DenoiserFromCheckpoint
 from hybridstitch.export.tensorrt_build import EngineTensor, TensorRTOptions, build_engines
 from hybridstitch.masks import select_mask
-from hybridstitch.tokens import gather_tokens, patchify
-from tests.engine.test_onnxruntime_backend import _run, inputs, rel, snapshot, torch_pair  # noqa: F401
+from tests.engine.parity import assert_caches_match, assert_masked_parity, inputs, rel
+from tests.engine.test_onnxruntime_backend import _run, snapshot, torch_pair  # noqa: F401
 from tests.tensorrt_fakes import A100, ADA, TRT_VERSION, FakeRuntime, FakeToolchain
 
 
@@ -78,34 +78,13 @@ def test_full_forwards_match_torch(engines, torch_pair):
     kept = cache.to_torch()
     x2 = x + 1.0  # a full forward without a cache leaves the request's cache alone
     assert rel(engines.large.forward(x2, pe, pooled, t), large.forward(x2, pe, pooled, t)) < 1e-5
-    got = cache.to_torch()
-    for (layer, attn), (k, v) in ref_cache.layers.items():
-        assert rel(got[f"cache_k.{layer}.{attn}"], k) < 1e-5 and rel(got[f"cache_v.{layer}.{attn}"], v) < 1e-5
-    assert all(torch.equal(kept[n], got[n]) for n in got)
+    assert_caches_match(cache, ref_cache)
+    assert all(torch.equal(kept[n], got) for n, got in cache.to_torch().items())
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.3])
 def test_masked_forward_fresh_and_stale_cache_match_torch(engines, torch_pair, ratio):
-    large, _ = torch_pair
-    x, pe, pooled, t = inputs(seed=1)
-    cache, ref_cache = engines.large.new_cache(2, 8, 8), large.new_cache(2, 8, 8)
-    engines.large.forward(x, pe, pooled, t, cache=cache)
-    full = large.forward(x, pe, pooled, t, cache=ref_cache)
-    k, bucket = engines.large.masked_token_count(ratio, 16)
-    assert bucket == ratio
-    g = torch.Generator().manual_seed(2)
-    idx = select_mask(torch.rand(2, 16, generator=g), k)
-    out = engines.large.forward_masked(x, pe, pooled, t, idx, cache)
-    assert out.shape == (2, k, 64)
-    assert rel(out, large.forward_masked(x, pe, pooled, t, idx, ref_cache)) < 1e-5
-    assert rel(out, gather_tokens(patchify(full, 2), idx)) < 1e-5
-    x2 = x + 0.3 * torch.randn(x.shape, generator=g)
-    idx2 = select_mask(torch.rand(2, 16, generator=g), k)
-    out2 = engines.large.forward_masked(x2, pe, pooled, t * 0.8, idx2, cache)
-    assert rel(out2, large.forward_masked(x2, pe, pooled, t * 0.8, idx2, ref_cache)) < 1e-5
-    got = cache.to_torch()
-    for (layer, attn), (kk, vv) in ref_cache.layers.items():
-        assert rel(got[f"cache_k.{layer}.{attn}"], kk) < 1e-5 and rel(got[f"cache_v.{layer}.{attn}"], vv) < 1e-5
+    assert_masked_parity(engines, torch_pair[0], ratio)
 
 
 def test_buffers_are_allocated_once_and_bound_by_address(engines, trt_folder):
