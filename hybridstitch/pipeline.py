@@ -435,7 +435,8 @@ class HybridStitchPipeline:
             x0 = predict_x0(latents, v, sigmas[i])
             if x0_prev is not None:
                 rec.d = relative_l1(x0, x0_prev)
-                scores = token_scores(x0, x0_prev, p)
+                if config.uses_masked_large:  # only masked stages read token scores
+                    scores = token_scores(x0, x0_prev, p)
             policy.observe(i, rec.d)
             x0_prev = x0
 
