@@ -40,10 +40,15 @@ SHAPES = {
     "tiny": dict(large=(2, 4), small=(2, 2), latent=16, text_tokens=16, head_dim=32, joint=64, pooled=32),
 }
 
+# argparse reads this, not __doc__ (None under python -OO)
+DESCRIPTION = "Per-call latency of each exported graph on ONNX Runtime vs torch eager, and each masked bucket's cost."
+
 
 def random_pair(root: str, shape: dict) -> tuple[str, str]:
     """Write an SD3-shaped random large/small pair (diffusers folders) under ``root``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel
+
+    from hybridstitch.scheduling import sd3_scheduler
 
     folders = []
     for role, seed in (("large", 0), ("small", 1)):
@@ -58,7 +63,7 @@ def random_pair(root: str, shape: dict) -> tuple[str, str]:
         folder = os.path.join(root, role)
         model.save_pretrained(os.path.join(folder, "transformer"))
         if role == "large":
-            FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(folder, "scheduler"))
+            sd3_scheduler().save_pretrained(os.path.join(folder, "scheduler"))
         folders.append(folder)
     return folders[0], folders[1]
 
@@ -88,7 +93,7 @@ def pick_models(args, root: str) -> tuple[str, str, str, dict]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=DESCRIPTION)
     ap.add_argument("--tiny", action="store_true", help="tiny random models: a quick check of the script")
     ap.add_argument("--large", help="large checkpoint folder (default: the testbed pair, else a random pair)")
     ap.add_argument("--small", help="small checkpoint folder")
@@ -112,7 +117,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="hybridstitch-bench-") as tmp:
         large_dir, small_dir, desc, sizes = pick_models(args, tmp)
         if "height" not in sizes:
-            from hybridstitch.export.onnx_export import vae_scale_factor_of
+            from hybridstitch.export.request import vae_scale_factor_of
             from hybridstitch.loading import read_json, transformer_dir
 
             sample = read_json(os.path.join(transformer_dir(large_dir, "large"), "config.json"))["sample_size"]
@@ -145,8 +150,8 @@ def main(argv=None) -> dict:
         tl.forward(x_t, pe_t, pooled_t, ts_in, cache=torch_cache)
         index = {}
         for bucket in manifest.buckets:
-            k = int(bucket["masked_tokens"])
-            index[bucket["graph"]] = torch.stack([torch.sort(torch.randperm(n, generator=g)[:k]).values for _ in range(b)])
+            k = bucket.masked_tokens
+            index[bucket.graph] = torch.stack([torch.sort(torch.randperm(n, generator=g)[:k]).values for _ in range(b)])
 
         runs = {
             "small": (lambda: engines.small.forward(x, pe, pooled, ts_in), lambda: ts.forward(x_t, pe_t, pooled_t, ts_in)),
@@ -179,9 +184,9 @@ def main(argv=None) -> dict:
                            ort_over_torch=ratio_stats(o, tt)))
     buckets = []
     for bucket in manifest.buckets:
-        name, k = bucket["graph"], int(bucket["masked_tokens"])
+        name, k = bucket.graph, bucket.masked_tokens
         buckets.append(dict(
-            graph=name, ratio=bucket["ratio"], masked_tokens=k, ideal_fraction=(k + t) / (n + t),
+            graph=name, ratio=bucket.ratio, masked_tokens=k, ideal_fraction=(k + t) / (n + t),
             ort_cost=ratio_stats(times[name]["onnxruntime"], times["large"]["onnxruntime"]),
             torch_cost=ratio_stats(times[name]["torch"], times["large"]["torch"]),
         ))

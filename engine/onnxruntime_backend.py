@@ -26,7 +26,7 @@ Runtime:
   input, so double buffering is what avoids a copy. A cache therefore holds 2 x
   (slots x 2 x B x H x N x D) elements.
 
-Buckets (:meth:`OrtLargeDenoiser.masked_token_count`): a masked stage of ratio ``r`` needs
+Buckets (:meth:`~hybridstitch.engine.base.EngineLargeDenoiser.bucket_for`): a masked stage of ratio ``r`` needs
 ``ceil(r * N)`` tokens; it is served by the smallest bucket with at least that many tokens
 (the next larger bucket when ``r`` has none of its own: the pipeline's trace records the
 bucket's ratio next to the configured one for each step). A ratio above the largest bucket is
@@ -39,7 +39,6 @@ they are checked when asked for, never required. Intra-op threads: ``num_threads
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,11 +46,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from hybridstitch.denoiser import TransformerSpec
+from hybridstitch.denoiser import require_filled
 from hybridstitch.errors import HybridStitchError
-from hybridstitch.masks import tokens_for_ratio
 
-log = logging.getLogger(__name__)
+from .base import (
+    EngineDenoiser,
+    EngineLargeDenoiser,
+    EngineSet,
+    check_graph_files,
+    check_source_weights,
+    load_graphs,
+    open_engine_folder,
+)
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -227,119 +233,47 @@ class OrtKVCache:
 # -- denoisers ---------------------------------------------------------------------------------------
 
 
-class OrtDenoiser:
-    """A full transformer engine (the small one, or the large one's full graph)."""
+def full_inputs(den: EngineDenoiser, graph: OrtGraph, latents, prompt_embeds, pooled, timestep) -> dict:
+    """The inputs every graph takes, as ``graph`` wants them."""
+    den.check_text(prompt_embeds)
+    return {
+        "latents": graph.prepare("latents", latents),
+        "prompt_embeds": graph.prepare("prompt_embeds", prompt_embeds),
+        "pooled": graph.prepare("pooled", pooled),
+        "timestep": graph.prepare("timestep", timestep),
+    }
+
+
+class OrtDenoiser(EngineDenoiser):
+    """A full transformer engine (the small one)."""
 
     backend = "onnxruntime"
 
     def __init__(self, name: str, graph: OrtGraph, manifest, folder: str):
-        self.name = name
+        super().__init__(name, manifest, folder, graph.device)
         self.graph = graph
-        self.manifest = manifest
-        self.folder = folder
-        self.spec: TransformerSpec = manifest.spec(name)
-        self.device = graph.device
-
-    def validate_request(self, batch: int, height: int, width: int, config) -> None:
-        """The request's CFG batch and latent size must be the engines'. Called before any work."""
-        m = self.manifest
-        lh, lw = m.latent_size
-        vae = m.resolution["vae_scale_factor"]
-        if batch != m.batch:
-            raise HybridStitchError(
-                f"the engines in {self.folder} were built for batch {m.batch} (CFG included); this request needs "
-                f"batch {batch} (prompts x num_images_per_prompt, x2 with guidance_scale > 1). Re-export with "
-                f"--batch {batch}, or change the request"
-            )
-        if (height, width) != (lh, lw):
-            raise HybridStitchError(
-                f"the engines in {self.folder} were built for {m.resolution['height']}x{m.resolution['width']} "
-                f"(latent {lh}x{lw}); this request is {height * vae}x{width * vae} (latent {height}x{width}). "
-                f"Re-export with --height {height * vae} --width {width * vae}, or request "
-                f"height={m.resolution['height']}, width={m.resolution['width']}"
-            )
-
-    def _text(self, prompt_embeds: torch.Tensor) -> None:
-        want = self.graph.inputs["prompt_embeds"].shape
-        if list(prompt_embeds.shape) != want:
-            raise HybridStitchError(
-                f"prompt_embeds has shape {list(prompt_embeds.shape)}; the {self.name} engine takes {want} "
-                f"({self.manifest.tokens['text']} text tokens). Re-export with --text-tokens {prompt_embeds.shape[1]} "
-                "or pad/truncate the text conditioning"
-            )
-
-    def _full_inputs(self, graph: OrtGraph, latents, prompt_embeds, pooled, timestep) -> dict:
-        self._text(prompt_embeds)
-        return {
-            "latents": graph.prepare("latents", latents),
-            "prompt_embeds": graph.prepare("prompt_embeds", prompt_embeds),
-            "pooled": graph.prepare("pooled", pooled),
-            "timestep": graph.prepare("timestep", timestep),
-        }
 
     @torch.no_grad()
     def forward(self, latents, prompt_embeds, pooled, timestep, cache=None):
-        inputs = self._full_inputs(self.graph, latents, prompt_embeds, pooled, timestep)
+        inputs = full_inputs(self, self.graph, latents, prompt_embeds, pooled, timestep)
         velocity = self.graph.empty("velocity")
         self.graph.run(inputs, {"velocity": velocity})
         return velocity.to(latents.dtype)
 
 
-class OrtLargeDenoiser(OrtDenoiser):
+class OrtLargeDenoiser(EngineLargeDenoiser):
     """The large transformer: its full graph (with cache outputs) and one masked graph per bucket."""
 
+    backend = "onnxruntime"
+
     def __init__(self, graph: OrtGraph, masked: dict[int, OrtGraph], manifest, folder: str):
-        super().__init__("large", graph, manifest, folder)
+        super().__init__(manifest, folder, graph.device)
+        self.graph = graph
         self.masked = masked  # masked tokens k -> graph
-        self.buckets = sorted((int(b["masked_tokens"]), float(b["ratio"])) for b in manifest.buckets)
-        self.cache_names = [t.name for t in graph.entry.outputs if t.name.startswith("cache_")]
         self._scratch: OrtKVCache | None = None  # cache outputs of full steps that keep no cache
 
-    # -- requests and buckets ------------------------------------------------------------------
-
-    def validate_request(self, batch: int, height: int, width: int, config) -> None:
-        super().validate_request(batch, height, width, config)
-        if getattr(config, "uses_masked_large", False):
-            for r in config.mask_ratios:
-                self.masked_token_count(r, self.manifest.tokens["image"])
-
-    def masked_token_count(self, ratio: float, num_tokens: int) -> tuple[int, float]:
-        """The smallest bucket with at least ``ceil(ratio * N)`` tokens: ``(its k, its ratio)``."""
-        if num_tokens != self.manifest.tokens["image"]:
-            raise HybridStitchError(
-                f"{num_tokens} image tokens requested; the engines hold {self.manifest.tokens['image']} "
-                f"({self.manifest.describe()})"
-            )
-        need = tokens_for_ratio(ratio, num_tokens)
-        for k, bucket in self.buckets:
-            if k >= need:
-                if k != need:
-                    log.info("mask ratio %g (%d tokens) is served by the %g bucket (%d tokens)", ratio, need, bucket, k)
-                return k, bucket
-        have = ", ".join(f"{b:g}" for _, b in self.buckets) or "none"
-        raise HybridStitchError(
-            f"mask ratio {ratio:g} ({need} of {num_tokens} tokens) has no bucket in {self.folder}: the engines hold "
-            f"buckets {have}, and a ratio is served by the smallest bucket at least as large. Re-export with a "
-            f"bucket >= {ratio:g} (hybridstitch-export ... --buckets {' '.join(f'{b:g}' for _, b in self.buckets)} "
-            f"{ratio:g}), or choose mask ratios of at most {self.buckets[-1][1] if self.buckets else 0:g}"
-        )
-
-    def _masked_graph(self, k: int):
-        """The masked graph of the bucket with exactly ``k`` tokens."""
-        graph = self.masked.get(k)
-        if graph is None:
-            raise HybridStitchError(
-                f"no masked engine takes {k} tokens; the buckets hold {[kk for kk, _ in self.buckets]} "
-                "(ask masked_token_count for the token count of a ratio)"
-            )
-        return graph
-
-    # -- caches ----------------------------------------------------------------------------------
-
     def new_cache(self, batch: int, height: int, width: int) -> OrtKVCache:
-        lh, lw = self.manifest.latent_size
-        if batch != self.manifest.batch or (height, width) != (lh, lw):
-            self.validate_request(batch, height, width, None)
+        self.check_cache_request(batch, height, width)
         ort = _ort()
         cache = OrtKVCache(batch=batch, num_tokens=self.manifest.tokens["image"])
         device_type = "cuda" if self.device.type == "cuda" else "cpu"
@@ -351,11 +285,9 @@ class OrtLargeDenoiser(OrtDenoiser):
                 )
         return cache
 
-    # -- forwards -----------------------------------------------------------------------------------
-
     @torch.no_grad()
     def forward(self, latents, prompt_embeds, pooled, timestep, cache: OrtKVCache | None = None):
-        inputs = self._full_inputs(self.graph, latents, prompt_embeds, pooled, timestep)
+        inputs = full_inputs(self, self.graph, latents, prompt_embeds, pooled, timestep)
         velocity = self.graph.empty("velocity")
         if cache is None:  # the cache outputs still need somewhere to go
             if self._scratch is None:
@@ -370,10 +302,9 @@ class OrtLargeDenoiser(OrtDenoiser):
 
     @torch.no_grad()
     def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, cache: OrtKVCache):
-        if not cache.filled:
-            raise RuntimeError("masked forward before any full forward filled the KV cache")
-        graph = self._masked_graph(int(index.shape[1]))
-        inputs = self._full_inputs(graph, latents, prompt_embeds, pooled, timestep)
+        require_filled(cache)
+        graph = self.graph_for(self.masked, int(index.shape[1]))
+        inputs = full_inputs(self, graph, latents, prompt_embeds, pooled, timestep)
         inputs["index"] = graph.prepare("index", index)
         inputs.update(cache.current)
         tokens = graph.empty("tokens")
@@ -387,44 +318,10 @@ class OrtLargeDenoiser(OrtDenoiser):
 
 
 @dataclass
-class EngineSet:
-    """The loaded engines of one folder."""
+class OrtEngineSet(EngineSet):
+    """The loaded ONNX Runtime engines of one folder."""
 
-    folder: str
-    manifest: Any
-    large: OrtLargeDenoiser
-    small: OrtDenoiser
-    providers: list
-    device: torch.device
-    notes: list[str] = field(default_factory=list)
-
-    def scheduler(self):
-        """The large checkpoint's scheduler as recorded at export (SD3's default when none was)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        if self.manifest.scheduler:
-            cfg = {k: v for k, v in self.manifest.scheduler.items() if not k.startswith("_")}
-            return FlowMatchEulerDiscreteScheduler.from_config(cfg)
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-
-
-def check_source_weights(manifest, notes: list[str]) -> None:
-    """Refuse engines whose checkpoints changed since export (when the checkpoints are still there)."""
-    from hybridstitch.export.manifest import weights_changed
-
-    for role in ("large", "small"):
-        info = manifest.models[role]
-        folder = info["transformer_dir"]
-        if not os.path.isdir(folder):
-            notes.append(f"{role} checkpoint {folder} not found: weights not re-checked")
-            continue
-        why = weights_changed(folder, info["weights"])
-        if why is not None:
-            raise HybridStitchError(
-                f"the {role} weights in {folder} changed since these engines were exported ({why}); the engines "
-                f"no longer match them. Re-export (hybridstitch-export --{role} {info['path']} ... --out DIR), or pass "
-                "check_weights=False to run the engines as exported"
-            )
+    providers: list = field(default_factory=list)
 
 
 def load_engines(
@@ -433,7 +330,7 @@ def load_engines(
     num_threads: int | None = None,
     check_weights: bool = True,
     verify_files: bool = True,
-) -> EngineSet:
+) -> OrtEngineSet:
     """Load an engine folder written by ``hybridstitch-export --backend onnxruntime``.
 
     Args:
@@ -444,44 +341,18 @@ def load_engines(
             for checkpoints no longer on disk).
         verify_files: hash every graph file against the manifest (sizes are always checked).
     """
-    from hybridstitch.export.manifest import read_manifest
-
-    manifest = read_manifest(folder)
-    if manifest.backend.get("name") != "onnxruntime":
-        raise HybridStitchError(
-            f"{folder} holds {manifest.backend.get('name')} engines; load them with that backend, or export "
-            "ONNX Runtime engines with hybridstitch-export --backend onnxruntime"
-        )
-    if not manifest.complete:
-        raise HybridStitchError(
-            f"the export into {folder} did not finish (manifest incomplete); rerun the same hybridstitch-export "
-            "command: it resumes, building only what is missing"
-        )
-    required = ["small", "large"] + [b["graph"] for b in manifest.buckets]
-    for name in required:
-        entry = manifest.graphs.get(name)
-        if entry is None:
-            raise HybridStitchError(f"the manifest in {folder} lists no {name} graph; re-export the engines")
-        why = entry.check_files(folder, hash_files=verify_files)
-        if why is not None:
-            raise HybridStitchError(
-                f"the {name} engine in {folder} is not as exported: {why}. Rerun hybridstitch-export with the same "
-                "arguments: it rebuilds only the damaged engines"
-            )
+    manifest = open_engine_folder(folder, "onnxruntime")
+    check_graph_files(manifest, folder, hash_files=verify_files)
     notes: list[str] = []
     if check_weights:
         check_source_weights(manifest, notes)
 
     providers = resolve_providers(providers)
     device = provider_device(providers)
-    small = OrtGraph("small", manifest.graphs["small"], folder, providers, session_options(num_threads), device)
-
-    large = OrtGraph("large", manifest.graphs["large"], folder, providers, session_options(num_threads), device)
-    masked = {}
-    for b in manifest.buckets:
-        g = OrtGraph(b["graph"], manifest.graphs[b["graph"]], folder, providers, session_options(num_threads), device)
-        masked[int(b["masked_tokens"])] = g
-    return EngineSet(
-        folder=folder, manifest=manifest, large=OrtLargeDenoiser(large, masked, manifest, folder), small=OrtDenoiser("small", small, manifest, folder),
-        providers=providers, device=device, notes=notes,
+    small, large, masked = load_graphs(
+        manifest, lambda name: OrtGraph(name, manifest.graphs[name], folder, providers, session_options(num_threads), device)
+    )
+    return OrtEngineSet(
+        folder=folder, manifest=manifest, large=OrtLargeDenoiser(large, masked, manifest, folder),
+        small=OrtDenoiser("small", small, manifest, folder), device=device, notes=notes, providers=providers,
     )

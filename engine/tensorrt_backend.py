@@ -7,7 +7,7 @@
 Loading picks the folder's build that runs on this GPU and TensorRT version (ONNX path before
 Torch-TensorRT, plugin before standard attention; ``attention=`` / ``compiler=`` choose) and
 refuses with the command to re-export when none does
-(:func:`hybridstitch.export.tensorrt_build.select_build`). Each engine file is checked against
+(:func:`hybridstitch.engine.builds.select_build`). Each engine file is checked against
 the manifest (size, and sha256 unless ``verify_files=False``) and each engine's I/O names,
 directions, shapes and dtypes against the graph it was built from, with errors that name the
 tensor, before any request.
@@ -45,9 +45,19 @@ from typing import Any
 
 import torch
 
+from hybridstitch.denoiser import require_filled
 from hybridstitch.errors import HybridStitchError
 
-from .onnxruntime_backend import EngineSet, OrtDenoiser, OrtLargeDenoiser, check_source_weights
+from .base import (
+    EngineDenoiser,
+    EngineLargeDenoiser,
+    EngineSet,
+    check_source_weights,
+    load_graphs,
+    open_engine_folder,
+    required_graphs,
+)
+from .builds import EngineTensor, check_engine_file, current_device, onnx_sha256, select_build
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +85,6 @@ class TrtRuntime:
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self._names = {trt.float32: "float", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int64: "int64",
-                       trt.int32: "int32"}
 
     def deserialize(self, data: bytes, where: str):
         engine = self.runtime.deserialize_cuda_engine(data)
@@ -87,15 +95,17 @@ class TrtRuntime:
             )
         return engine
 
-    def io(self, engine) -> list:
-        from hybridstitch.export.tensorrt_build import EngineTensor
-
+    def io(self, engine) -> list[EngineTensor]:
+        """The engine's I/O tensors in its own order, dtypes as ONNX element type names."""
+        trt = self.trt
+        names = {trt.float32: "float", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int64: "int64",
+                 trt.int32: "int32"}
         out = []
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             out.append(EngineTensor(
-                name=name, is_input=engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT,
-                shape=tuple(engine.get_tensor_shape(name)), dtype=self._names.get(engine.get_tensor_dtype(name), "?"),
+                name=name, is_input=engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT,
+                shape=tuple(engine.get_tensor_shape(name)), dtype=names.get(engine.get_tensor_dtype(name), "?"),
             ))
         return out
 
@@ -248,42 +258,44 @@ class _Stream:
         caller.wait_stream(self.stream)
 
 
-class TrtDenoiser(OrtDenoiser):
-    """A full transformer engine (the small one). Request checks are the ONNX Runtime backend's:
-    both serve the same manifest."""
+def load_full(den: EngineDenoiser, graph: TrtGraph, latents, prompt_embeds, pooled, timestep) -> None:
+    """Copy the inputs every graph takes into ``graph``'s buffers."""
+    den.check_text(prompt_embeds)
+    for name, x in (("latents", latents), ("prompt_embeds", prompt_embeds), ("pooled", pooled),
+                    ("timestep", timestep)):
+        graph.load(name, x)
+
+
+class TrtDenoiser(EngineDenoiser):
+    """A full transformer engine (the small one)."""
 
     backend = "tensorrt"
 
     def __init__(self, name: str, graph: TrtGraph, manifest, folder: str, stream: _Stream):
-        super().__init__(name, graph, manifest, folder)
+        super().__init__(name, manifest, folder, graph.device)
+        self.graph = graph
         self.stream = stream
-
-    def _load_full(self, graph: TrtGraph, latents, prompt_embeds, pooled, timestep) -> None:
-        self._text(prompt_embeds)
-        for name, x in (("latents", latents), ("prompt_embeds", prompt_embeds), ("pooled", pooled),
-                        ("timestep", timestep)):
-            graph.load(name, x)
 
     @torch.no_grad()
     def forward(self, latents, prompt_embeds, pooled, timestep, cache=None):
         with self.stream():
-            self._load_full(self.graph, latents, prompt_embeds, pooled, timestep)
+            load_full(self, self.graph, latents, prompt_embeds, pooled, timestep)
             self.graph.run({}, key="full")
         return self.graph.buffers["velocity"].to(device=latents.device, dtype=latents.dtype, copy=True)
 
 
-class TrtLargeDenoiser(OrtLargeDenoiser):
+class TrtLargeDenoiser(EngineLargeDenoiser):
     """The large transformer: its full graph (cache outputs) and one masked graph per bucket."""
 
     backend = "tensorrt"
 
     def __init__(self, graph: TrtGraph, masked: dict[int, TrtGraph], manifest, folder: str, stream: _Stream):
-        super().__init__(graph, masked, manifest, folder)
+        super().__init__(manifest, folder, graph.device)
+        self.graph = graph
+        self.masked = masked  # masked tokens k -> graph
         self.stream = stream
         self._sets: tuple[dict, dict] | None = None
         self._active: TrtKVCache | None = None
-
-    _load_full = TrtDenoiser._load_full
 
     def _cache_sets(self) -> tuple[dict, dict]:
         if self._sets is None:  # allocated once, on first need
@@ -295,9 +307,7 @@ class TrtLargeDenoiser(OrtLargeDenoiser):
         return self._sets
 
     def new_cache(self, batch: int, height: int, width: int) -> TrtKVCache:
-        lh, lw = self.manifest.latent_size
-        if batch != self.manifest.batch or (height, width) != (lh, lw):
-            self.validate_request(batch, height, width, None)
+        self.check_cache_request(batch, height, width)
         self._active = TrtKVCache(batch=batch, num_tokens=self.manifest.tokens["image"], sets=self._cache_sets())
         return self._active
 
@@ -319,7 +329,7 @@ class TrtLargeDenoiser(OrtLargeDenoiser):
             self._check_cache(cache)
             target = cache.index  # a full step rewrites every row: the current set, in place
         with self.stream():
-            self._load_full(self.graph, latents, prompt_embeds, pooled, timestep)
+            load_full(self, self.graph, latents, prompt_embeds, pooled, timestep)
             self.graph.run(dict(sets[target]), key=("full", target))
         if cache is not None:
             cache.filled = True
@@ -328,12 +338,11 @@ class TrtLargeDenoiser(OrtLargeDenoiser):
     @torch.no_grad()
     def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, cache: TrtKVCache):
         self._check_cache(cache)
-        if not cache.filled:
-            raise RuntimeError("masked forward before any full forward filled the KV cache")
-        graph = self._masked_graph(int(index.shape[1]))
+        require_filled(cache)
+        graph = self.graph_for(self.masked, int(index.shape[1]))
         caches = {**cache.current, **{f"new_{name}": t for name, t in cache.spare.items()}}
         with self.stream():
-            self._load_full(graph, latents, prompt_embeds, pooled, timestep)
+            load_full(self, graph, latents, prompt_embeds, pooled, timestep)
             graph.load("index", index)
             graph.run(caches, key=("masked", cache.index))
         cache.swap()
@@ -372,30 +381,15 @@ def load_engines(
         check_weights: refuse engines whose source checkpoints changed since export.
         verify_files: hash every engine file against the manifest (sizes are always checked).
         runtime, device_info: what stands for TensorRT and this GPU (:class:`TrtRuntime` and
-            :func:`~hybridstitch.export.tensorrt_build.current_device` by default; tests pass fakes).
+            :func:`~hybridstitch.engine.builds.current_device` by default; tests pass fakes).
     """
-    from hybridstitch.export.manifest import read_manifest
-    from hybridstitch.export.tensorrt_build import check_engine_file, current_device, onnx_sha256, select_build
-
-    manifest = read_manifest(folder)
-    if manifest.backend.get("name") != "tensorrt":
-        raise HybridStitchError(
-            f"{folder} holds {manifest.backend.get('name')} engines; load them with that backend "
-            f"(from_engines(..., backend={manifest.backend.get('name')!r})), or export TensorRT engines with "
-            "hybridstitch-export --backend tensorrt"
-        )
-    if not manifest.complete:
-        raise HybridStitchError(
-            f"the export into {folder} did not finish (manifest incomplete); rerun the same hybridstitch-export "
-            "command: it resumes, building only what is missing"
-        )
+    manifest = open_engine_folder(folder, "tensorrt")
     device = torch.device(device) if device is not None else torch.device("cuda", 0)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     device_info = device_info or current_device(device.index or 0)
     build_id, build = select_build(manifest, device_info, folder, attention=attention, compiler=compiler)
-    required = ["small", "large"] + [b["graph"] for b in manifest.buckets]
-    for name in required:
+    for name in required_graphs(manifest):
         record = build["engines"].get(name)
         if manifest.graphs.get(name) is None or record is None:
             raise HybridStitchError(
@@ -419,7 +413,7 @@ def load_engines(
 
     if build.get("python_plugins"):
         # Torch-TensorRT's JIT plugin calls back into Python: register it before deserialising
-        from hybridstitch.export.torch_tensorrt_build import register_op_plugin
+        from hybridstitch.plugins.torch_tensorrt_plugin import register_op_plugin
 
         register_op_plugin()
         if cuda_graphs:
@@ -434,12 +428,11 @@ def load_engines(
             engine = runtime.deserialize(f.read(), record["file"])
         return TrtGraph(name, manifest.graphs[name], record, engine, runtime, device, stream.stream, cuda_graphs, notes)
 
-    small = TrtDenoiser("small", graph("small"), manifest, folder, stream)
-    masked = {int(b["masked_tokens"]): graph(b["graph"]) for b in manifest.buckets}
-    large = TrtLargeDenoiser(graph("large"), masked, manifest, folder, stream)
+    small, large, masked = load_graphs(manifest, graph)
     return TrtEngineSet(
-        folder=folder, manifest=manifest, large=large, small=small, providers=["tensorrt"], device=device,
-        notes=notes, build_id=build_id, build=build,
+        folder=folder, manifest=manifest, large=TrtLargeDenoiser(large, masked, manifest, folder, stream),
+        small=TrtDenoiser("small", small, manifest, folder, stream), device=device, notes=notes,
+        build_id=build_id, build=build,
     )
 
 

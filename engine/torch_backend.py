@@ -10,14 +10,13 @@ processor (:class:`StitchAttnProcessor`) attends over [cached image K/V, text K/
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from hybridstitch.denoiser import TransformerSpec
-from hybridstitch.plugins import cached_kv_attention
+from hybridstitch.denoiser import Bucket, TransformerSpec, require_filled
 from hybridstitch.masks import tokens_for_ratio
+from hybridstitch.plugins import cached_kv_attention
 from hybridstitch.tokens import gather_tokens
 
 
@@ -158,11 +157,11 @@ class TorchDenoiser:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def validate_request(self, batch: int, height: int, width: int, config) -> None:
+    def validate_request(self, batch: int, height: int, width: int, mask_ratios=()) -> None:
         """Eager torch serves any batch, size and ratio (size limits are checked by the pipeline)."""
 
-    def masked_token_count(self, ratio: float, num_tokens: int) -> tuple[int, float]:
-        return tokens_for_ratio(ratio, num_tokens), ratio
+    def bucket_for(self, ratio: float, num_tokens: int) -> Bucket:
+        return Bucket(ratio=ratio, masked_tokens=tokens_for_ratio(ratio, num_tokens))
 
     def new_cache(self, batch: int, height: int, width: int) -> TorchKVCache:
         p = self.spec.patch_size
@@ -187,8 +186,7 @@ class TorchDenoiser:
 
     @torch.no_grad()
     def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, cache: TorchKVCache):
-        if not cache.filled:
-            raise RuntimeError("masked forward before any full forward filled the KV cache")
+        require_filled(cache)
         return masked_transformer_forward(
             self.model,
             latents.to(self.dtype),

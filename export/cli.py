@@ -35,14 +35,13 @@ def _fp32_blocks(values: list[str] | None):
     try:
         return tuple(int(v) for v in values)
     except ValueError:
-        from hybridstitch.errors import HybridStitchError
-
         raise HybridStitchError(f"--fp32-blocks takes auto, none or block indices, got {' '.join(values)}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .onnx_export import BACKENDS, BF16_MIN_OPSET, DEFAULT_BUCKETS, DEFAULT_OPSET
-    from .tensorrt_build import ATTENTIONS, COMPILERS, HARDWARE_COMPATIBILITY, VERIFY
+    from hybridstitch.engine.builds import ATTENTIONS, COMPILERS, HARDWARE_COMPATIBILITY, VERIFY
+
+    from .request import BACKENDS, BF16_MIN_OPSET, DEFAULT_BUCKETS, DEFAULT_OPSET
 
     ap = argparse.ArgumentParser(
         prog="hybridstitch-export",
@@ -94,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from .onnx_export import BF16_MIN_OPSET, DEFAULT_OPSET, ExportRequest, export_engines
-        from .tensorrt_build import TensorRTOptions
+        from hybridstitch.engine.builds import TensorRTOptions
+
+        from .driver import export_engines
+        from .request import BF16_MIN_OPSET, DEFAULT_OPSET, ExportRequest
 
         given = {f: getattr(args, f) for f in TENSORRT_FLAGS if getattr(args, f) is not None}
         if given and args.backend != "tensorrt":
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
         print(f"hybridstitch-export: error: {e}", file=sys.stderr)
         return 2
     summary = dict(
-        out=args.out, engines=sorted(manifest.graphs), buckets=manifest.buckets, precision=manifest.precision,
+        out=args.out, engines=sorted(manifest.graphs), buckets=[vars(b) for b in manifest.buckets], precision=manifest.precision,
         batch=manifest.batch, resolution=manifest.resolution, tokens=manifest.tokens,
     )
     if manifest.tensorrt:

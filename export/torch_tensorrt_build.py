@@ -15,7 +15,7 @@ implementation, a JIT implementation that calls the op on TensorRT's stream, and
 that puts the plugin in the network). Two consequences, both recorded in the manifest:
 
 - it is a JIT (Python) plugin: loading these engines needs Python with torch, torch-tensorrt and
-  this package (:func:`register_op_plugin` runs before deserialising), unlike the ONNX path's AOT
+  this package (``plugins/torch_tensorrt_plugin.py``'s ``register_op_plugin`` runs before deserialising), unlike the ONNX path's AOT
   plugin whose PTX lives in the engine;
 - the op is functional (it returns fresh caches: the plugin's cache outputs are not aliased to
   its inputs), so the Triton kernel runs on a copy of each cache. The AOT plugin of the ONNX path
@@ -34,39 +34,7 @@ import os
 import torch
 
 from hybridstitch.errors import HybridStitchError
-
-# The torch op Torch-TensorRT turns into a plugin; its plugin id is the op's qualified name.
-OP_PLUGIN = "hybridstitch::cached_kv_attention"
-_REGISTERED: set[str] = set()
-
-
-def _torch_tensorrt():
-    try:
-        import torch_tensorrt
-    except ImportError as e:
-        raise HybridStitchError(
-            "--compiler torch-tensorrt needs torch-tensorrt (pip install torch-tensorrt, matching your torch and "
-            "TensorRT versions), or build with --compiler onnx"
-        ) from e
-    return torch_tensorrt
-
-
-def register_op_plugin() -> str:
-    """Have Torch-TensorRT generate (once per process) the plugin and converter of
-    ``hybridstitch::cached_kv_attention``; returns the plugin id. Needed before compiling a masked
-    graph and before deserialising an engine that holds the plugin."""
-    if OP_PLUGIN in _REGISTERED:
-        return OP_PLUGIN
-    _torch_tensorrt()
-    from torch_tensorrt.dynamo.conversion.plugins import custom_op
-
-    import hybridstitch.plugins.torch_op  # noqa: F401  (registers torch.ops.hybridstitch.cached_kv_attention)
-
-    # static shapes per bucket: the engines take no dynamic dimension
-    custom_op(OP_PLUGIN, supports_dynamic_shapes=False)
-    _REGISTERED.add(OP_PLUGIN)
-    return OP_PLUGIN
-
+from hybridstitch.plugins.torch_tensorrt_plugin import OP_PLUGIN, register_op_plugin, torch_tensorrt_module
 
 def compile_settings(options, timing_cache: str | None) -> dict:
     """``convert_exported_program_to_serialized_trt_engine`` keyword arguments for ``options``."""
@@ -95,7 +63,7 @@ class EngineBytesFromTorch:
         self.module, self.example, self.options, self.timing_cache = module, example, options, timing_cache
 
     def __call__(self) -> bytes:
-        torch_tensorrt = _torch_tensorrt()
+        torch_tensorrt = torch_tensorrt_module()
         register_op_plugin()
         if self.timing_cache is not None:
             os.makedirs(os.path.dirname(self.timing_cache) or ".", exist_ok=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from .errors import HybridStitchError
@@ -129,13 +129,21 @@ class StitchConfig:
         return dataclasses.asdict(self)
 
     @property
-    def uses_masked_large(self) -> bool:
+    def has_masked_stage(self) -> bool:
+        """A stage 2 exists (small model on all tokens + large model on the masked region), so the
+        run selects masks from token scores. True for the FullLarge ablation too."""
         return self.method == "hybridstitch"
 
     @property
-    def needs_kv_cache(self) -> bool:
-        """Full large steps store the cache only when a masked stage may read it."""
+    def uses_masked_large(self) -> bool:
+        """The large model runs masked (on the masked tokens only, over the KV cache) in stage 2.
+        False for the FullLarge ablation, which runs the large model on all tokens there."""
         return self.method == "hybridstitch" and self.stage2_large == "masked"
+
+    @property
+    def needs_kv_cache(self) -> bool:
+        """Full large steps store the cache only when a masked large forward may read it."""
+        return self.uses_masked_large
 
 
 # The paper's operating points (SD3.5 Large + SD3 Medium, 50 steps; Tables 1-3).

@@ -133,7 +133,7 @@ def run_demo(
     os.makedirs(out_dir, exist_ok=True)
     method = method or default_testbed_method()
     if backend == "onnxruntime":
-        from hybridstitch.export.onnx_export import ExportRequest, export_engines
+        from hybridstitch.export import ExportRequest, export_engines
 
         engine_dir = os.path.join(out_dir, "engines")
         # One engine set for len(prompts) images with guidance (CFG doubles the batch). A rerun

@@ -7,10 +7,13 @@ caches are opaque objects owned by one request.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from .errors import HybridStitchError
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,42 @@ class TransformerSpec:
         return slots
 
 
+@dataclass(frozen=True)
+class Bucket:
+    """What serves a masked stage of some mask ratio: ``masked_tokens`` (k) image tokens, the
+    bucket's own ``ratio``, and the engine graph that takes exactly k tokens (None on backends
+    that take any k, such as torch)."""
+
+    ratio: float
+    masked_tokens: int
+    graph: str | None = None
+
+
+def check_pair(large: TransformerSpec, small: TransformerSpec) -> None:
+    """The two transformers must share the latent space and the text conditioning."""
+    for field, what in (
+        ("in_channels", "latent channels"),
+        ("out_channels", "output channels"),
+        ("patch_size", "patch size"),
+        ("joint_attention_dim", "text embedding width (joint_attention_dim)"),
+        ("pooled_projection_dim", "pooled text embedding width (pooled_projection_dim)"),
+    ):
+        a, b = getattr(large, field), getattr(small, field)
+        if a != b:
+            raise HybridStitchError(
+                f"the large and small transformers differ in {what}: {a} vs {b}. HybridStitch stitches two models "
+                "of one family that share the VAE latent space and text encoders (e.g. SD3.5 Large + SD3 Medium); "
+                "choose a matching pair"
+            )
+
+
+def require_filled(cache: Any) -> None:
+    """A masked forward reads the cache a full large forward filled; the pipeline's stage order
+    guarantees one ran first, so reaching this is a bug, not a user error."""
+    if not getattr(cache, "filled", False):
+        raise RuntimeError("masked forward before any full forward filled the KV cache")
+
+
 @runtime_checkable
 class Denoiser(Protocol):
     """One transformer behind a backend."""
@@ -76,9 +115,10 @@ class Denoiser(Protocol):
         layer's image-token K/V there (large model only)."""
         ...
 
-    def validate_request(self, batch: int, height: int, width: int, config: Any) -> None:
-        """Raise HybridStitchError if this backend cannot serve the request (batch includes the
-        CFG doubling; height/width are latent sizes). Called before any model work."""
+    def validate_request(self, batch: int, height: int, width: int, mask_ratios: Sequence[float] = ()) -> None:
+        """Raise HybridStitchError if this backend cannot serve the request: ``batch`` includes the
+        CFG doubling, ``height``/``width`` are latent sizes, ``mask_ratios`` the masked-large ratios
+        the request may run (empty when it never runs the masked model). Called before any work."""
         ...
 
 
@@ -86,9 +126,10 @@ class Denoiser(Protocol):
 class MaskedDenoiser(Denoiser, Protocol):
     """A large transformer that can also run on the masked tokens only."""
 
-    def masked_token_count(self, ratio: float, num_tokens: int) -> tuple[int, float]:
-        """How many tokens a masked stage of ``ratio`` refines, and the ratio (bucket) that serves it.
-        Free-shape backends return ``(ceil(ratio * N), ratio)``."""
+    def bucket_for(self, ratio: float, num_tokens: int) -> Bucket:
+        """The bucket that serves a masked stage of ``ratio`` over ``num_tokens`` image tokens: how
+        many tokens it refines and the ratio it was built for. Free-shape backends return
+        ``Bucket(ratio, ceil(ratio * N))``."""
         ...
 
     def new_cache(self, batch: int, height: int, width: int) -> Any:

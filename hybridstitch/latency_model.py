@@ -241,7 +241,7 @@ def check_latency_bound(config, per_call_seconds: Mapping | CallLatencies) -> li
     than large by construction) give no message.
     """
     lat = per_call_seconds if isinstance(per_call_seconds, CallLatencies) else CallLatencies.from_dict(per_call_seconds)
-    if not config.uses_masked_large or config.stage2_large != "masked" or lat.large is None or lat.small is None:
+    if not config.uses_masked_large or lat.large is None or lat.small is None:
         return []
     messages = []
     for r in config.mask_ratios:

@@ -62,15 +62,10 @@ def load_transformer(folder: str, role: str, torch_dtype=None):
 
 def load_scheduler(folder: str):
     """The large folder's FlowMatchEulerDiscreteScheduler, or SD3's default (shift 3.0)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from .scheduling import sd3_scheduler
 
-    sched_dir = os.path.join(folder, "scheduler")
-    if os.path.isfile(os.path.join(sched_dir, "scheduler_config.json")):
-        try:
-            return FlowMatchEulerDiscreteScheduler.from_pretrained(sched_dir)
-        except (OSError, ValueError) as e:
-            raise HybridStitchError(f"could not load the scheduler from {sched_dir}: {e}") from e
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    return sd3_scheduler(read_json(path) if os.path.isfile(path) else None)
 
 
 def load_conditioner(folder: str, torch_dtype=None):

@@ -33,3 +33,30 @@ def select_mask(scores: torch.Tensor, num_masked: int) -> torch.Tensor:
     """
     top = torch.topk(scores, num_masked, dim=1, largest=True, sorted=False).indices
     return torch.sort(top, dim=1).values
+
+
+class MaskSelector:
+    """Which tokens a masked step refines, for one request.
+
+    ``dynamic`` (the paper's default): the top-k of the latest token scores. ``static`` (the
+    StaticMask ablation): the top-k of the scores frozen on the first masked step; multi-mask
+    variants take each stage's top-k from those frozen scores.
+    """
+
+    def __init__(self, mode: str, patch: int):
+        self.mode, self.patch = mode, patch
+        self.scores: torch.Tensor | None = None  # [B, N] from the latest two x0 estimates
+        self.frozen: torch.Tensor | None = None
+
+    def observe(self, x0: torch.Tensor, x0_prev: torch.Tensor) -> None:
+        self.scores = token_scores(x0, x0_prev, self.patch)
+
+    def select(self, num_masked: int) -> torch.Tensor:
+        """index [B, k] (sorted) for the coming masked step."""
+        # the stage policy enters a masked stage only after two x0 estimates, so scores exist
+        assert self.scores is not None, "a masked stage needs two earlier x0 estimates"
+        if self.mode == "static":
+            if self.frozen is None:
+                self.frozen = self.scores
+            return select_mask(self.frozen, num_masked)
+        return select_mask(self.scores, num_masked)

@@ -18,46 +18,22 @@ from tqdm.auto import tqdm
 
 from .conditioning import Conditioning, no_conditioner_error
 from .config import StitchConfig
-from .denoiser import Denoiser, MaskedDenoiser, TransformerSpec
+from .denoiser import Denoiser, MaskedDenoiser, TransformerSpec, check_pair
 from .errors import HybridStitchError
 from .latency_model import warn_if_bound_violated
-from .masks import select_mask, token_scores
+from .masks import MaskSelector, tokens_for_ratio
 from .metrics import predict_x0, relative_l1
 from .policy import ReplayPolicy, Stage, StagePolicy
-from .tokens import gather_tokens, merge_masked, patchify
+from .step import call_timer, denoise_step
 from .trace import StepRecord, Trace
 
 DEFAULT_PRESET = "hybridstitch-30"
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so per-call timings count the device time."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
 class HybridStitchOutput:
     images: Any  # list of PIL images, or the latents [B, C, h, w] with output_type="latent"
     trace: Trace
-
-
-def check_pair(large: TransformerSpec, small: TransformerSpec) -> None:
-    """The two transformers must share the latent space and the text conditioning."""
-    for field, what in (
-        ("in_channels", "latent channels"),
-        ("out_channels", "output channels"),
-        ("patch_size", "patch size"),
-        ("joint_attention_dim", "text embedding width (joint_attention_dim)"),
-        ("pooled_projection_dim", "pooled text embedding width (pooled_projection_dim)"),
-    ):
-        a, b = getattr(large, field), getattr(small, field)
-        if a != b:
-            raise HybridStitchError(
-                f"the large and small transformers differ in {what}: {a} vs {b}. HybridStitch stitches two models "
-                "of one family that share the VAE latent space and text encoders (e.g. SD3.5 Large + SD3 Medium); "
-                "choose a matching pair"
-            )
 
 
 class HybridStitchPipeline:
@@ -152,7 +128,7 @@ class HybridStitchPipeline:
         if backend not in (None, "onnxruntime", "tensorrt"):
             raise HybridStitchError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt (or None: the manifest's)")
         if backend is None and providers is None and num_threads is None:  # else: ONNX Runtime settings were given
-            from hybridstitch.export.manifest import read_manifest
+            from hybridstitch.engine.manifest import read_manifest
 
             backend = read_manifest(engine_dir).backend.get("name", "onnxruntime")
         if backend == "tensorrt":
@@ -362,81 +338,48 @@ class HybridStitchPipeline:
         t_start = time.perf_counter()
         if schedule is not None and len(schedule) != num_inference_steps:
             raise HybridStitchError(f"schedule has {len(schedule)} stages for {num_inference_steps} steps; give one per step")
-        do_cfg = guidance_scale > 1.0
         # A private scheduler per request, so concurrent calls never share a step index.
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
-        timesteps = scheduler.timesteps
         sigmas = scheduler.sigmas.tolist()
         p = self.large.spec.patch_size
         batch, _, h, w = latents.shape
         num_tokens = (h // p) * (w // p)
-        cfg_batch = batch * (2 if do_cfg else 1)
+        cfg_batch = batch * (2 if guidance_scale > 1.0 else 1)
         trace = Trace(config=config.to_dict(), num_steps=num_inference_steps, height=h, width=w,
                       batch=batch, backend=self.backend)
         policy = StagePolicy(config, num_inference_steps) if schedule is None else ReplayPolicy(config, schedule)
         # Backends with fixed shapes (engines) refuse a request they cannot serve before any work.
-        self.large.validate_request(cfg_batch, h, w, config)
-        self.small.validate_request(cfg_batch, h, w, config)
-        cache = None
-        if config.needs_kv_cache:
-            cache = self.large.new_cache(cfg_batch, h, w)  # owned by this request only
+        self.large.validate_request(cfg_batch, h, w, config.mask_ratios if config.uses_masked_large else ())
+        self.small.validate_request(cfg_batch, h, w)
+        cache = self.large.new_cache(cfg_batch, h, w) if config.needs_kv_cache else None  # this request's only
+        masks = MaskSelector(config.mask_mode, p)
         x0_prev = None
-        scores = None  # [B, N]: token instability from the latest two x0 estimates
-        frozen_scores = None  # StaticMask: the scores on entering the first masked stage
 
-        def call(record: StepRecord, name: str, fn):
-            synchronize(self.device)
-            t0 = time.perf_counter()
-            out = fn()
-            synchronize(self.device)
-            record.seconds[name] = record.seconds.get(name, 0.0) + time.perf_counter() - t0
-            return out
-
-        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=config.name, leave=False)):
+        for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc=config.name, leave=False)):
             t_step = time.perf_counter()
             stage = policy.stage_for_step(i)
             rec = StepRecord(step=i, timestep=float(t), sigma=sigmas[i], stage=stage.index,
                              stage_kind=stage.kind, d=None, mask_ratio=stage.mask_ratio)
-            latent_in = torch.cat([latents, latents]) if do_cfg else latents  # [B', C, h, w]
-            timestep = t.expand(latent_in.shape[0])
-            args = (latent_in, cond.prompt_embeds, cond.pooled, timestep)
-
-            if stage.kind == "large":
-                v = call(rec, "large", lambda: self.large.forward(*args, cache=cache))
-            elif stage.kind == "small":
-                v = call(rec, "small", lambda: self.small.forward(*args))
-            else:
-                if scores is None:
-                    raise AssertionError("a masked stage needs two earlier x0 estimates")  # policy guarantees it
-                if config.mask_mode == "static" and frozen_scores is None:
-                    frozen_scores = scores
-                # Engines with fixed buckets may serve the ratio with a larger bucket.
-                k, bucket = self.large.masked_token_count(stage.mask_ratio, num_tokens)
-                index = select_mask(frozen_scores if config.mask_mode == "static" else scores, k)  # [B, k]
-                index_in = torch.cat([index, index]) if do_cfg else index  # one mask for both CFG halves
-                rec.masked_tokens = k
+            index = None
+            if stage.kind == "masked":
+                if config.uses_masked_large:  # engines with fixed buckets may serve the ratio with a larger one
+                    bucket = self.large.bucket_for(stage.mask_ratio, num_tokens)
+                    rec.masked_tokens, rec.bucket_ratio = bucket.masked_tokens, bucket.ratio
+                else:  # FullLarge runs the whole large model: no bucket involved
+                    rec.masked_tokens, rec.bucket_ratio = tokens_for_ratio(stage.mask_ratio, num_tokens), stage.mask_ratio
+                index = masks.select(rec.masked_tokens)  # [B, k]
                 if record_masks:
                     rec.mask_index = index.tolist()
-                v_small = call(rec, "small", lambda: self.small.forward(*args))
-                if config.stage2_large == "masked":
-                    tokens = call(rec, "large_masked", lambda: self.large.forward_masked(*args, index=index_in, cache=cache))
-                else:  # FullLarge ablation: the whole large model, only the masked region merged
-                    v_large = call(rec, "large", lambda: self.large.forward(*args))
-                    tokens = gather_tokens(patchify(v_large, p), index_in)
-                v = merge_masked(v_small, tokens, index_in, p)
-                rec.bucket_ratio = bucket
-
-            if do_cfg:
-                v_uncond, v_text = v.chunk(2)
-                v = v_uncond + guidance_scale * (v_text - v_uncond)
+            v = denoise_step(self.large, self.small, stage, latents, cond, t, guidance_scale, cache=cache, index=index,
+                             full_large=config.stage2_large == "full", timed=call_timer(rec.seconds, self.device))
 
             # Eq. 10 and Eq. 9 on the guided prediction
             x0 = predict_x0(latents, v, sigmas[i])
             if x0_prev is not None:
                 rec.d = relative_l1(x0, x0_prev)
-                if config.uses_masked_large:  # only masked stages read token scores
-                    scores = token_scores(x0, x0_prev, p)
+                if config.has_masked_stage:  # only masked stages read token scores
+                    masks.observe(x0, x0_prev)
             policy.observe(i, rec.d)
             x0_prev = x0
 

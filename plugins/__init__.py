@@ -4,14 +4,8 @@ One definition (:mod:`.cached_kv`), used by every backend: the torch reference a
 ``torch.library`` custom op, its ONNX form, the Triton kernel and the TensorRT plugin.
 """
 
-from .cached_kv import (
-    OP_DOMAIN,
-    OP_NAME,
-    OP_VERSION,
-    cached_kv_attention,
-    cached_kv_attention_reference,
-    export_mode,
-)
+from .cached_kv import OP_DOMAIN, OP_NAME, OP_VERSION, cached_kv_attention_reference
+from .dispatch import cached_kv_attention, export_mode
 
 __all__ = [
     "OP_DOMAIN",

@@ -18,7 +18,7 @@ How the exporter emits it, in two steps:
 
 1. During export the torch processors call :func:`cached_kv_attention_export`, a
    ``torch.library`` custom op that ``torch.export`` keeps as one opaque call (switched on by
-   :func:`hybridstitch.plugins.cached_kv.export_mode`). ``torch.onnx.export(...,
+   :func:`hybridstitch.plugins.dispatch.export_mode`). ``torch.onnx.export(...,
    custom_translation_table=custom_translation_table())`` maps that call to one node of the
    custom domain (:func:`_emit_node`: an onnxscript ``Op`` with the schema :func:`op_schema`).
 2. :func:`attach_function` then adds the local function, with its body written at the

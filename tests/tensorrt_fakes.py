@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from hybridstitch.export.tensorrt_build import DeviceInfo, EngineTensor
+from hybridstitch.engine.builds import DeviceInfo, EngineTensor
 from hybridstitch.plugins import OP_DOMAIN, OP_NAME
 from hybridstitch.plugins.onnx_op import attach_function
 from hybridstitch.plugins.tensorrt_plugin import PLUGIN_ID
@@ -52,6 +52,9 @@ class FakeToolchain:
         self.device_info = device
         self.built: list[dict] = []
         self.plugin_targets: list[str] = []
+
+    def check_available(self, options) -> None:
+        """The fake toolchain is always there (the real one checks TensorRT, its compiler and a GPU)."""
 
     def device(self) -> DeviceInfo:
         return self.device_info

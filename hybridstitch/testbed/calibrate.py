@@ -133,7 +133,7 @@ def measure_call_latencies(pipe, batch: int, ratios, guidance_scale: float = 1.2
     gen = torch.Generator().manual_seed(1)
     indices = {}
     for r in ratios:
-        k, _ = pipe.large.masked_token_count(r, num_tokens)
+        k = pipe.large.bucket_for(r, num_tokens).masked_tokens
         idx = torch.stack([torch.randperm(num_tokens, generator=gen)[:k].sort().values for _ in range(batch)])  # [B, k]
         indices[r] = torch.cat([idx, idx]) if do_cfg else idx
     times: dict = {"large": [], "small": [], "masked": {r: [] for r in ratios}}

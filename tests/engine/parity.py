@@ -31,8 +31,9 @@ def assert_masked_parity(engines, large, ratio) -> None:
     cache, ref_cache = engines.large.new_cache(2, 8, 8), large.new_cache(2, 8, 8)
     engines.large.forward(x, pe, pooled, t, cache=cache)
     full = large.forward(x, pe, pooled, t, cache=ref_cache)
-    k, bucket = engines.large.masked_token_count(ratio, 16)
-    assert bucket == ratio
+    bucket = engines.large.bucket_for(ratio, 16)
+    assert bucket.ratio == ratio
+    k = bucket.masked_tokens
     g = torch.Generator().manual_seed(2)
     # fresh: equals the torch masked forward and the full forward at the masked tokens
     idx = select_mask(torch.rand(2, 16, generator=g), k)

@@ -92,12 +92,17 @@ def test_cache_stays_in_ortvalues_and_swaps_buffers(engines):
 
 def test_bucket_rule(engines):
     large = engines.large
-    assert large.masked_token_count(0.1, 16) == (2, 0.1)
-    assert large.masked_token_count(0.3, 16) == (5, 0.3)
-    assert large.masked_token_count(0.2, 16) == (5, 0.3)  # 4 tokens: the next larger bucket serves it
-    assert large.masked_token_count(0.05, 16) == (2, 0.1)
+    def served(r):
+        b = large.bucket_for(r, 16)
+        return b.masked_tokens, b.ratio
+
+    assert served(0.1) == (2, 0.1)
+    assert served(0.3) == (5, 0.3)
+    assert served(0.2) == (5, 0.3)  # 4 tokens: the next larger bucket serves it
+    assert served(0.05) == (2, 0.1)
+    assert large.bucket_for(0.2, 16).graph == "large_masked_30"
     with pytest.raises(HybridStitchError, match=r"buckets 0.1, 0.3.*--buckets 0.1 0.3 0.5"):
-        large.masked_token_count(0.5, 16)
+        large.bucket_for(0.5, 16)
 
 
 def _run(pipe, config, height=64, width=64, num_images_per_prompt=1):

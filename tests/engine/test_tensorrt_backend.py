@@ -20,9 +20,10 @@ from hybridstitch import HybridStitchError, HybridStitchPipeline, StitchConfig
 from hybridstitch.denoiser import MaskedDenoiser
 from hybridstitch.engine import tensorrt_backend
 from hybridstitch.engine.tensorrt_backend import TrtKVCache, load_engines
-from hybridstitch.export.manifest import read_manifest
-from hybridstitch.export.onnx_export import DenoiserFromCheckpoint
-from hybridstitch.export.tensorrt_build import EngineTensor, TensorRTOptions, build_engines
+from hybridstitch.engine.builds import EngineTensor, TensorRTOptions
+from hybridstitch.engine.manifest import read_manifest
+from hybridstitch.export.onnx_steps import DenoiserFromCheckpoint
+from hybridstitch.export.tensorrt_build import build_engines
 from hybridstitch.masks import select_mask
 from tests.engine.parity import assert_caches_match, assert_masked_parity, inputs, rel
 from tests.engine.test_onnxruntime_backend import _run, snapshot, torch_pair  # noqa: F401

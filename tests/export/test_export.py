@@ -17,10 +17,10 @@ import torch
 from hybridstitch import HybridStitchError
 from hybridstitch.engine.torch_backend import TorchDenoiser
 from hybridstitch.export import ExportRequest, export_engines, read_manifest
-from hybridstitch.export import onnx_export
+from hybridstitch.export import driver, onnx_steps
 from hybridstitch.export.cli import main as cli_main
 from hybridstitch.export.graphs import FullGraph, FullLargeGraph, GraphShapes, MaskedLargeGraph, example_inputs
-from hybridstitch.export.manifest import FORMAT_VERSION
+from hybridstitch.engine.manifest import FORMAT_VERSION
 from hybridstitch.loading import load_transformer
 from hybridstitch.plugins import OP_DOMAIN, OP_NAME, cached_kv_attention, cached_kv_attention_reference, export_mode
 from hybridstitch.plugins.onnx_op import attach_function, custom_translation_table
@@ -118,7 +118,7 @@ def test_manifest_records_the_export(tiny_engines, tiny_dirs):
     assert m.backend == {"name": "onnxruntime", "version": ort.__version__}
     assert m.resolution == dict(height=64, width=64, latent_height=8, latent_width=8, vae_scale_factor=8)
     assert m.tokens == {"image": 16, "text": 7}
-    assert [(b["ratio"], b["masked_tokens"]) for b in m.buckets] == [(0.1, 2), (0.3, 5)]  # ceil(r * 16)
+    assert [(b.ratio, b.masked_tokens) for b in m.buckets] == [(0.1, 2), (0.3, 5)]  # ceil(r * 16)
     for role, path in zip(("large", "small"), tiny_dirs):
         info = m.models[role]
         assert info["path"] == os.path.abspath(path)
@@ -209,7 +209,7 @@ def test_rerun_skips_valid_engines(tiny_engines, tmp_path, monkeypatch):
     shutil.copytree(folder, work)
     before = snapshot(work)
     built = []
-    monkeypatch.setattr(onnx_export, "_build_graph", lambda g, *a, **k: built.append(g.name))
+    monkeypatch.setattr(driver, "_build_graph", lambda g, *a, **k: built.append(g.name))
     export_engines(req, work, progress=False)
     assert built == []
     assert snapshot(work) == before  # nothing rewritten, not even the manifest
@@ -247,7 +247,7 @@ def test_interrupted_export_resumes_and_a_failure_keeps_earlier_engines(tiny_eng
     def boom(self):
         raise RuntimeError("exporter crashed")
 
-    monkeypatch.setattr(onnx_export.OnnxFromGraph, "__call__", boom)
+    monkeypatch.setattr(onnx_steps.OnnxFromGraph, "__call__", boom)
     with pytest.raises(RuntimeError, match="exporter crashed"):
         export_engines(req, work, progress=False)
     assert snapshot(work) == before  # earlier engines and manifest intact, no temp files left
@@ -302,7 +302,7 @@ def test_external_data_round_trip(tiny_engines, tmp_path):
 
     folder, _ = tiny_engines
     model = ir.load(os.path.join(folder, "large_masked_30.onnx"))
-    files, data = onnx_export.FilesFromOnnx(model, str(tmp_path), "big", external_data_threshold=0)()
+    files, data = onnx_steps.FilesFromOnnx(model, str(tmp_path), "big", external_data_threshold=0)()
     assert data == "big.onnx.data" and [f["name"] for f in files] == ["big.onnx", "big.onnx.data"]
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]  # no temp folder left
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values())

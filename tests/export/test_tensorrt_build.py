@@ -21,24 +21,22 @@ import torch
 from hybridstitch import HybridStitchError
 from hybridstitch.denoiser import TransformerSpec
 from hybridstitch.engine.torch_backend import TorchDenoiser
-from hybridstitch.export import ExportRequest, export_engines, onnx_export, read_manifest
-from hybridstitch.export.cli import main as cli_main
-from hybridstitch.export.graphs import FullGraph, GraphShapes, example_inputs
-from hybridstitch.export.onnx_export import resolve_fp32_blocks
-from hybridstitch.export.tensorrt_build import (
+from hybridstitch.engine.builds import (
     DeviceInfo,
     EngineTensor,
-    ParityFromOnnx,
-    TensorRTOnnxFromOnnx,
     TensorRTOptions,
     build_id,
     check_engine_file,
-    create_config_kwargs,
-    match_engine_io,
     ptx_target,
     select_build,
     why_build_cannot_run,
 )
+from hybridstitch.export import ExportRequest, export_engines, read_manifest
+from hybridstitch.export.cli import main as cli_main
+from hybridstitch.export.graphs import FullGraph, GraphShapes, example_inputs
+from hybridstitch.export.onnx_steps import resolve_fp32_blocks
+from hybridstitch.export.tensorrt_build import match_engine_io
+from hybridstitch.export.tensorrt_steps import ParityFromOnnx, TensorRTOnnxFromOnnx, create_config_kwargs
 from hybridstitch.export.torch_tensorrt_build import compile_settings
 from hybridstitch.loading import load_transformer
 from hybridstitch.plugins import OP_DOMAIN, OP_NAME
@@ -58,11 +56,9 @@ def snapshot(folder):
 
 
 def export_trt(tiny_dirs, out, toolchain, **kw):
-    """A TensorRT export on this machine: only the TensorRT check is replaced (by the fake toolchain)."""
+    """A TensorRT export on this machine: the fake toolchain stands for TensorRT."""
     req = ExportRequest(large=tiny_dirs[0], small=tiny_dirs[1], backend="tensorrt", **{**BASE, **kw})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(onnx_export, "_require_tensorrt", lambda req: None)
-        return export_engines(req, str(out), progress=False, toolchain=toolchain)
+    return export_engines(req, str(out), progress=False, toolchain=toolchain)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +190,7 @@ def test_polygraphy_loader_chain():
     pytest.importorskip("polygraphy", reason="Polygraphy is not installed (pip install polygraphy)")
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, PostprocessConfig
 
-    from hybridstitch.export.tensorrt_build import EngineBytesFromOnnx, _enable_aliased_plugin_io
+    from hybridstitch.export.tensorrt_steps import EngineBytesFromOnnx, _enable_aliased_plugin_io
 
     trt = SimpleNamespace(HardwareCompatibilityLevel=SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS"))
     opts = TensorRTOptions(builder_optimization_level=5, hardware_compatibility="ampere_plus")
@@ -257,10 +253,8 @@ def test_fp32_blocks_resolution():
 def test_bad_requests_write_nothing(tiny_dirs, tmp_path, change, match):
     out = tmp_path / "eng"
     with pytest.raises(HybridStitchError, match=match):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(onnx_export, "_require_tensorrt", lambda req: None)
-            export_engines(ExportRequest(large=tiny_dirs[0], small=tiny_dirs[1], **{**BASE, **change}), str(out),
-                           progress=False, toolchain=FakeToolchain())
+        export_engines(ExportRequest(large=tiny_dirs[0], small=tiny_dirs[1], **{**BASE, **change}), str(out),
+                       progress=False, toolchain=FakeToolchain())
     assert not out.exists()
 
 

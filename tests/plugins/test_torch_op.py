@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from hybridstitch.plugins.cached_kv import cached_kv_attention, cached_kv_attention_reference
+from hybridstitch.plugins import cached_kv_attention, cached_kv_attention_reference
 from hybridstitch.plugins.torch_op import cached_kv_attention_op
 
 

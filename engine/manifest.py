@@ -37,7 +37,8 @@ Dtypes are ONNX element-type names (``float``, ``float16``, ``int64``). The tran
 configs make the engines self-describing: a runtime builds its :class:`TransformerSpec` from
 them without the checkpoints. Every write is atomic (:mod:`hybridstitch.fileio`).
 
-Reading is strict: an unknown format or version, a manifest of another backend, a graph
+The runtime (``hybridstitch.engine``) reads this module; the builder (``hybridstitch.export``)
+writes through it. Reading is strict: an unknown format or version, a manifest of another backend, a graph
 file that is missing, truncated or altered, each raise :class:`HybridStitchError` with the
 fix (re-export), and never touch the folder.
 """
@@ -51,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from hybridstitch.denoiser import TransformerSpec
+from hybridstitch.denoiser import Bucket, TransformerSpec
 from hybridstitch.errors import HybridStitchError
 from hybridstitch.fileio import atomic_write_text
 
@@ -192,7 +193,7 @@ class Manifest:
     batch: int
     resolution: dict  # height, width, latent_height, latent_width, vae_scale_factor
     tokens: dict  # image, text
-    buckets: list[dict]  # [{ratio, masked_tokens, graph}], ascending ratio
+    buckets: list[Bucket]  # ascending ratio; in the file: [{ratio, masked_tokens, graph}]
     models: dict  # large / small: {path, transformer_dir, weights, config}
     backend: dict  # {name, version}
     exporter: dict
@@ -218,7 +219,7 @@ class Manifest:
         return int(self.resolution["latent_height"]), int(self.resolution["latent_width"])
 
     def bucket_ratios(self) -> list[float]:
-        return [float(b["ratio"]) for b in self.buckets]
+        return [b.ratio for b in self.buckets]
 
     def describe(self) -> str:
         r = self.resolution
@@ -258,6 +259,10 @@ class Manifest:
         try:
             d = dict(d)
             d["graphs"] = {name: GraphEntry.from_dict(g) for name, g in d.get("graphs", {}).items()}
+            d["buckets"] = [
+                Bucket(ratio=float(b["ratio"]), masked_tokens=int(b["masked_tokens"]), graph=str(b["graph"]))
+                for b in d.get("buckets", [])
+            ]
             known = set(cls.__dataclass_fields__)
             return cls(**{k: v for k, v in d.items() if k in known})
         except (KeyError, TypeError, ValueError) as e:

@@ -1,0 +1,150 @@
+"""The export driver: build (or finish building) an engine folder from an :class:`ExportPlan`.
+
+:func:`export_engines` runs the build steps (:mod:`.onnx_steps`) graph by graph with a progress
+bar per graph. Resuming: each graph's manifest entry records a key (sha256 of everything it
+was built from) and its files' sizes and hashes; a rerun skips every graph whose key matches and
+whose files are intact, so an interrupted export picks up where it stopped. Files are written
+into a temporary folder inside the engine folder and renamed into place only once complete, and
+the manifest is rewritten (atomically) after each graph, so a failure at any point leaves the
+earlier engines and the earlier manifest as they were. A folder holding engines of another
+configuration (weights, resolution, batch, text tokens, precision, fp32 blocks, opset) is
+refused unless ``overwrite``.
+
+``backend="tensorrt"`` exports the same ONNX graphs (they stay in the folder as the reference),
+checks each against the torch graph with ONNX Runtime, then builds one TensorRT engine per graph
+for this GPU and TensorRT version (:mod:`.tensorrt_build`; ``--compiler torch-tensorrt``:
+:mod:`.torch_tensorrt_build`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from hybridstitch.engine.manifest import GraphEntry, Manifest, read_manifest, utc_now
+from hybridstitch.errors import HybridStitchError
+
+from .graphs import FullGraph, FullLargeGraph, GraphShapes, MaskedLargeGraph, example_inputs
+from .onnx_steps import DenoiserFromCheckpoint, FilesFromOnnx, OnnxFromGraph
+from .plan import ExportPlan, GraphPlan, config_mismatch, plan_export
+from .request import DTYPES, ExportRequest
+
+def export_engines(req: ExportRequest, out: str, progress: bool = True, toolchain=None) -> Manifest:
+    """Build (or finish building) the engines of ``req`` in ``out``; returns the manifest written.
+
+    Raises HybridStitchError for bad requests and for folders holding other engines, before
+    anything is written. ``toolchain`` (TensorRT exports only): what builds and inspects engines,
+    :class:`~.tensorrt_build.TensorRTToolchain` by default.
+    """
+    plan = plan_export(req)
+    if req.backend == "tensorrt":
+        from .tensorrt_build import TensorRTToolchain
+
+        toolchain = toolchain or TensorRTToolchain()
+        toolchain.check_available(req.tensorrt)  # before anything is written
+    manifest = plan.manifest
+    old = None
+    if os.path.isdir(out) and os.path.isfile(os.path.join(out, "manifest.json")):
+        try:
+            old = read_manifest(out)
+        except HybridStitchError as e:
+            if not req.overwrite:
+                raise HybridStitchError(f"{e}. To replace that folder's contents, pass --overwrite") from e
+        if old is not None and (why := config_mismatch(old, manifest)) is not None:
+            if not req.overwrite:
+                raise HybridStitchError(
+                    f"{out} holds engines of another configuration: {why}. Export into another folder (--out), "
+                    "or pass --overwrite to rebuild this one"
+                )
+            old = None
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):  # temporary files of an export that was killed mid-write
+        if name.startswith(".tmp-"):
+            path = os.path.join(out, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+
+    if old is not None:
+        manifest.created, manifest.updated = old.created, old.updated
+        if req.backend == "tensorrt":
+            manifest.tensorrt = old.tensorrt  # engine builds of other GPUs / options stay listed
+        # Buckets built before and not asked for now stay: adding a bucket never drops work.
+        asked = {b.graph for b in manifest.buckets}
+        for b in old.buckets:
+            entry = old.graphs.get(b.graph)
+            if b.graph not in asked and entry is not None and entry.check_files(out, hash_files=False) is None:
+                manifest.buckets.append(b)
+                manifest.graphs[b.graph] = entry
+        manifest.buckets.sort(key=lambda b: b.ratio)
+    else:
+        manifest.created = utc_now()
+
+    blocks = {"large": manifest.fp32_blocks, "small": []}
+    loaders = {role: DenoiserFromCheckpoint(getattr(req, role), role, DTYPES[req.precision], blocks[role])
+               for role in ("large", "small")}
+    for g in plan.graphs:
+        previous = old.graphs.get(g.name) if old is not None else None
+        bar = tqdm(total=4, desc=f"{g.name}", unit="step", disable=not progress, leave=True)
+        try:
+            if previous is not None and previous.key == g.key and previous.check_files(out) is None:
+                manifest.graphs[g.name] = previous
+                bar.set_postfix_str("up to date")
+                bar.update(4)
+                continue
+            manifest.graphs[g.name] = _build_graph(g, plan, loaders[g.role], out, bar)
+            manifest.updated = utc_now()
+            manifest.complete = False
+            manifest.save(out)  # progress survives an interruption
+        finally:
+            bar.close()
+    manifest.complete = True
+    manifest.updated = manifest.updated or utc_now()
+    if old is None or old.to_dict() != manifest.to_dict():  # an up-to-date rerun writes nothing
+        manifest.save(out)
+    if req.backend == "tensorrt":
+        from .tensorrt_build import build_engines
+
+        build_engines(plan, out, loaders, progress=progress, toolchain=toolchain)
+    return manifest
+
+
+def _build_graph(g: GraphPlan, plan: ExportPlan, load: Callable, out: str, bar) -> GraphEntry:
+    req = plan.request
+    bar.set_postfix_str("load")
+    denoiser = load()
+    bar.update(1)
+    module = {"small": FullGraph, "large": FullLargeGraph, "masked": MaskedLargeGraph}[g.kind](denoiser)
+    shapes = GraphShapes(req.batch, *plan.manifest.latent_size, plan.manifest.tokens["text"])
+    example = example_inputs(g.kind, denoiser.spec, shapes, DTYPES[req.precision], g.masked_tokens)
+    bar.set_postfix_str("export")
+    model = OnnxFromGraph(module, [t.name for t in g.inputs], [t.name for t in g.outputs], example, req.opset)()
+    _check_io(model, g)
+    bar.update(1)
+    bar.set_postfix_str("save")
+    files, data_name = FilesFromOnnx(model, out, g.name, req.external_data_threshold)()
+    bar.update(1)
+    from hybridstitch.plugins.onnx_op import count_nodes
+
+    entry = GraphEntry(
+        kind=g.kind, file=f"{g.name}.onnx", key=g.key, inputs=g.inputs, outputs=g.outputs, files=files,
+        external_data=data_name, masked_tokens=g.masked_tokens, bucket_ratio=g.bucket_ratio,
+        custom_nodes=count_nodes(model), built=utc_now(),
+    )
+    bar.set_postfix_str("done")
+    bar.update(1)
+    return entry
+
+
+def _check_io(model, g: GraphPlan) -> None:
+    """The exported graph has exactly the planned names, shapes and dtypes (an internal invariant)."""
+    got_in = [(v.name, [int(d) for d in v.shape], v.dtype.name.lower()) for v in model.graph.inputs]
+    got_out = [(v.name, [int(d) for d in v.shape], v.dtype.name.lower()) for v in model.graph.outputs]
+    want_in = [(t.name, t.shape, t.dtype) for t in g.inputs]
+    want_out = [(t.name, t.shape, t.dtype) for t in g.outputs]
+    assert got_in == want_in, f"{g.name}: exported inputs {got_in} != planned {want_in}"
+    assert got_out == want_out, f"{g.name}: exported outputs {got_out} != planned {want_out}"
+
+
+__all__ = ["export_engines"]
