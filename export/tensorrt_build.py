@@ -9,7 +9,7 @@ ONNX Runtime (they stay in the folder as the reference), then for each graph:
 2. prepares it for TensorRT's parser (:class:`TensorRTOnnxFromOnnx`): ``attention="plugin"``
    strips the ``CachedKVAttention`` local function and tags the nodes for the plugin
    (``plugins/onnx_for_tensorrt.py``); ``attention="standard"`` inlines the function into its
-   standard-op decomposition (Concat / ScatterElements / MatMul-Softmax-MatMul) for TensorRT's
+   standard-op decomposition (ScatterND / Concat / MatMul-Softmax-MatMul) for TensorRT's
    own attention fusion;
 3. builds a strongly typed engine with Polygraphy (:class:`EngineBytesFromOnnx`): the precision
    is the graph's own (fp16 / bf16 / fp32 tensors, fp32 blocks included), shapes are static,

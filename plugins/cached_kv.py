@@ -31,7 +31,7 @@ OP_VERSION = "1"
 def scatter_cache(cache: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
     """Out-of-place write of ``fresh`` [B, H, k, D] into ``cache`` [B, H, N, D] at ``index`` [B, k]."""
     b, h, k, d = fresh.shape
-    # index: [B, k] -> [B, H, k, D], the layout ScatterElements wants on axis 2
+    # index: [B, k] -> [B, H, k, D], the layout torch.scatter wants on axis 2
     full_index = index[:, None, :, None].expand(b, h, k, d)
     return cache.scatter(2, full_index, fresh)
 

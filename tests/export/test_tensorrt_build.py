@@ -290,7 +290,7 @@ def test_prepared_graphs_for_the_plugin_and_for_standard_attention(tiny_engines,
     assert not standard.functions and OP_DOMAIN not in {o.domain for o in standard.opset_import}
     assert not [n for n in standard.graph.node if n.domain == OP_DOMAIN]
     ops = {n.op_type for n in standard.graph.node}
-    assert {"ScatterElements", "Concat", "Softmax", "MatMul"} <= ops
+    assert {"ScatterND", "Concat", "Softmax", "MatMul"} <= ops
     onnx.checker.check_model(standard, full_check=True)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
