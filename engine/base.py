@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -33,8 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def required_graphs(manifest: Manifest) -> list[str]:
-    """Every graph an engine set of ``manifest`` loads: the small, the full large, one per bucket."""
-    return ["small", "large"] + [b.graph for b in manifest.buckets]
+    """Every graph an engine set of ``manifest`` loads: the small and the large."""
+    return ["small", "large"]
 
 
 def open_engine_folder(folder: str, backend: str) -> Manifest:
@@ -101,16 +100,22 @@ class EngineDenoiser:
         self.name, self.manifest, self.folder, self.device = name, manifest, folder, device
         self.spec: TransformerSpec = manifest.spec(name)
 
+    def batch_problem(self, batch: int) -> str | None:
+        """Why these engines cannot run ``batch`` samples (CFG included), or None. The ONNX graphs
+        take any batch; backends with fixed-shape profiles narrow this."""
+        return None
+
     def validate_request(self, batch: int, height: int, width: int, mask_ratios: Sequence[float] = ()) -> None:
-        """The request's CFG batch and latent size must be the engines'. Called before any work."""
+        """The request's CFG batch and latent size must be ones the engines serve. Called before any work."""
         m = self.manifest
         lh, lw = m.latent_size
         vae = m.resolution["vae_scale_factor"]
-        if batch != m.batch:
+        why = self.batch_problem(batch)
+        if why is not None:
             raise HybridStitchError(
-                f"the engines in {self.folder} were built for batch {m.batch} (CFG included); this request needs "
-                f"batch {batch} (prompts x num_images_per_prompt, x2 with guidance_scale > 1). Re-export with "
-                f"--batch {batch}, or change the request"
+                f"the engines in {self.folder} {why}; this request needs batch {batch} (prompts x "
+                f"num_images_per_prompt, x2 with guidance_scale > 1). Re-export with --batch {batch}, or change the "
+                "request"
             )
         if (height, width) != (lh, lw):
             raise HybridStitchError(
@@ -122,7 +127,7 @@ class EngineDenoiser:
 
     def check_text(self, prompt_embeds: torch.Tensor) -> None:
         """The text conditioning must have the engines' token count (graphs have fixed shapes)."""
-        want = [self.manifest.batch, self.manifest.tokens["text"], self.spec.joint_attention_dim]
+        want = [prompt_embeds.shape[0], self.manifest.tokens["text"], self.spec.joint_attention_dim]
         if list(prompt_embeds.shape) != want:
             raise HybridStitchError(
                 f"prompt_embeds has shape {list(prompt_embeds.shape)}; the {self.name} engine takes {want} "
@@ -132,26 +137,29 @@ class EngineDenoiser:
 
 
 class EngineLargeDenoiser(EngineDenoiser):
-    """The large transformer's engines: the full graph (with cache outputs) and one masked graph
-    per bucket. Adds the bucket choice and the cache-request checks."""
+    """The large transformer's engine: one graph for the full and the masked steps. Adds the
+    bucket choice and the cache-request checks."""
 
     def __init__(self, manifest: Manifest, folder: str, device: torch.device):
         super().__init__("large", manifest, folder, device)
         self.buckets: list[Bucket] = sorted(manifest.buckets, key=lambda b: b.masked_tokens)
-        self.cache_names = [t.name for t in manifest.graphs["large"].outputs if t.name.startswith("cache_")]
+        self.cache_names = [t.name for t in manifest.graphs["large"].inputs if t.name.startswith("cache_")]
 
     def validate_request(self, batch: int, height: int, width: int, mask_ratios: Sequence[float] = ()) -> None:
         super().validate_request(batch, height, width)
         for r in mask_ratios:
             self.bucket_for(r, self.manifest.tokens["image"])
 
-    def bucket_for(self, ratio: float, num_tokens: int) -> Bucket:
-        """The smallest bucket with at least ``ceil(ratio * N)`` tokens."""
+    def check_tokens(self, num_tokens: int) -> None:
         if num_tokens != self.manifest.tokens["image"]:
             raise HybridStitchError(
                 f"{num_tokens} image tokens requested; the engines hold {self.manifest.tokens['image']} "
                 f"({self.manifest.describe()})"
             )
+
+    def bucket_for(self, ratio: float, num_tokens: int) -> Bucket:
+        """The smallest bucket with at least ``ceil(ratio * N)`` tokens (fixed-shape backends)."""
+        self.check_tokens(num_tokens)
         need = tokens_for_ratio(ratio, num_tokens)
         for bucket in self.buckets:
             if bucket.masked_tokens >= need:
@@ -167,19 +175,9 @@ class EngineLargeDenoiser(EngineDenoiser):
             f"{ratio:g}), or choose mask ratios of at most {self.buckets[-1].ratio if self.buckets else 0:g}"
         )
 
-    def graph_for(self, graphs: dict[int, Any], k: int) -> Any:
-        """The masked graph (of ``graphs``: masked tokens -> graph) of the bucket with exactly ``k`` tokens."""
-        graph = graphs.get(k)
-        if graph is None:
-            raise HybridStitchError(
-                f"no masked engine takes {k} tokens; the buckets hold {[b.masked_tokens for b in self.buckets]} "
-                "(ask bucket_for for the token count of a ratio)"
-            )
-        return graph
-
     def check_cache_request(self, batch: int, height: int, width: int) -> None:
-        """A cache is made for the engines' own batch and latent size only."""
-        if batch != self.manifest.batch or (height, width) != self.manifest.latent_size:
+        """A cache is made for a batch and latent size the engines serve only."""
+        if self.batch_problem(batch) is not None or (height, width) != self.manifest.latent_size:
             self.validate_request(batch, height, width)
 
 
@@ -202,19 +200,12 @@ class EngineSet:
         return sd3_scheduler(self.manifest.scheduler)
 
 
-def load_graphs(manifest: Manifest, make: Callable[[str], Any]) -> tuple[Any, Any, dict[int, Any]]:
-    """``(small, large, {masked tokens: masked graph})``, each made by ``make(graph name)``."""
-    small, large = make("small"), make("large")
-    return small, large, {b.masked_tokens: make(b.graph) for b in manifest.buckets}
-
-
 __all__ = [
     "EngineDenoiser",
     "EngineLargeDenoiser",
     "EngineSet",
     "check_graph_files",
     "check_source_weights",
-    "load_graphs",
     "open_engine_folder",
     "required_graphs",
 ]

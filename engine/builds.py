@@ -10,6 +10,7 @@ touches torch and TensorRT, lazily.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from hybridstitch.errors import HybridStitchError
@@ -96,19 +97,33 @@ def current_device(index: int = 0) -> DeviceInfo:
 # -- naming and refusals (pure) ----------------------------------------------------------------------------
 
 
+def gpu_slug(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``: a GPU model as a folder name."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
 def build_target(device: DeviceInfo, hardware_compatibility: str) -> str:
-    """The folder a build's engines go to for this GPU: ``sm89``, ``sm89-samecc`` or ``ampere_plus``."""
+    """The folder a build's engines go to for this GPU: ``sm90-nvidia-h200`` (engines for this GPU
+    model: GPUs of one compute capability do not share engines or timing caches),
+    ``sm90-samecc`` (hardware compatibility "same_compute_capability") or ``ampere_plus``."""
     if hardware_compatibility == "ampere_plus":
         return "ampere_plus"
     if hardware_compatibility == "same_compute_capability":
         return f"{device.sm}-samecc"
-    return device.sm
+    return f"{device.sm}-{gpu_slug(device.name)}"
 
 
 def build_id(device: DeviceInfo, options: TensorRTOptions) -> str:
-    """``sm89/trt10.9.0.34/onnx-plugin``: target, TensorRT version, compiler and attention."""
+    """``sm89-nvidia-rtx-6000-ada-generation/trt10.9.0.34/onnx-plugin``: target, TensorRT version,
+    compiler and attention."""
     target = build_target(device, options.hardware_compatibility)
     return f"{target}/trt{device.tensorrt_version}/{options.compiler}-{options.attention}"
+
+
+def timing_cache_path(device: DeviceInfo) -> str:
+    """The engine folder's timing cache for this GPU model and TensorRT version (relative path): one
+    per GPU model even for hardware-compatible builds, whose tactics are still timed on this GPU."""
+    return f"{TENSORRT_DIR}/timing/{device.sm}-{gpu_slug(device.name)}/trt{device.tensorrt_version}/{TIMING_CACHE_NAME}"
 
 
 def ptx_target(device: DeviceInfo, hardware_compatibility: str) -> str:
@@ -147,6 +162,12 @@ def why_build_cannot_run(build: dict, device: DeviceInfo) -> str | None:
     elif built != have:
         mode = " (hardware compatibility: same compute capability)" if hw == "same_compute_capability" else ""
         return f"built on {where}{mode}; this GPU, {device.name}, has compute capability {cc}"
+    elif hw == "none" and build.get("gpu") != device.name:
+        return (
+            f"built on {where} without hardware compatibility; this GPU is {device.name}: such engines and their "
+            "tactics are tied to the GPU model that built them (or export with --hardware-compatibility "
+            "same_compute_capability)"
+        )
     plugin = build.get("plugin")
     if plugin and not _ptx_runs_on(plugin["ptx_target"], have):
         return f"its attention plugin holds {plugin['ptx_target']} PTX, which does not run on compute capability {cc}"
@@ -219,6 +240,57 @@ def select_build(manifest, device: DeviceInfo, folder: str, attention: str | Non
     return min(runnable, key=preference)
 
 
+# -- optimization profiles ------------------------------------------------------------------------------
+
+# One profile: each symbolic dimension of the engine's inputs at a size (a static profile, min = opt
+# = max, so every bucket keeps static-shape kernels) or over [min, opt, max] (Torch-TensorRT, which
+# builds one profile).
+EngineProfile = dict[str, "int | list[int]"]
+
+
+def engine_profiles(manifest, name: str) -> list[EngineProfile]:
+    """The optimization profiles TensorRT builds for graph ``name`` of ``manifest``: the small
+    engine at the manifest's batch; the large engine at that batch and each bucket's k, then
+    k = N for the full step. One engine holds them all with one copy of the weights."""
+    batch = manifest.batch
+    if name == "small":
+        return [{"batch": batch}]
+    n = manifest.tokens["image"]
+    ks = sorted({b.masked_tokens for b in manifest.buckets} | {n})
+    return [{"batch": batch, "k": k} for k in ks]
+
+
+def profile_covers(profile: EngineProfile, sizes: dict[str, int]) -> bool:
+    """Whether ``profile`` runs the symbolic ``sizes`` (``{"batch": B, "k": k}``)."""
+    for name, value in sizes.items():
+        want = profile.get(name)
+        if want is None:
+            continue
+        lo, hi = (want, want) if isinstance(want, int) else (want[0], want[-1])
+        if not lo <= value <= hi:
+            return False
+    return True
+
+
+def profile_shapes(entry, profile: EngineProfile) -> dict[str, tuple[list[int], list[int], list[int]]]:
+    """``{input name: (min, opt, max) shape}`` of every input of ``entry`` (a manifest graph entry)
+    with a symbolic dimension, under ``profile``."""
+    def at(which: int) -> dict[str, int]:
+        return {k: (v if isinstance(v, int) else v[which]) for k, v in profile.items()}
+
+    out = {}
+    for t in entry.inputs:
+        if any(isinstance(d, str) for d in t.shape):
+            out[t.name] = (t.resolve(at(0)), t.resolve(at(1)), t.resolve(at(-1)))
+    return out
+
+
+def shape_matches(engine_shape, planned) -> bool:
+    """An engine's I/O shape (-1 for a dynamic dimension) against the manifest's (a symbol's name there)."""
+    return len(engine_shape) == len(planned) and all(
+        (g == -1) if isinstance(w, str) else (g == w) for g, w in zip(engine_shape, planned))
+
+
 def check_engine_file(folder: str, record: dict, hash_files: bool = True) -> str | None:
     """Why an engine file is not as built (None when it is). Reads only."""
     return file_problem(folder, record["file"], record["size"], record["sha256"], hash_files, recorded_at="build")
@@ -252,11 +324,18 @@ __all__ = [
     "VERIFY",
     "build_id",
     "build_target",
+    "EngineProfile",
     "check_engine_file",
+    "engine_profiles",
+    "profile_covers",
+    "profile_shapes",
+    "shape_matches",
     "current_device",
     "onnx_sha256",
     "ptx_target",
     "reexport_command",
+    "gpu_slug",
     "select_build",
+    "timing_cache_path",
     "why_build_cannot_run",
 ]

@@ -3,7 +3,7 @@
 ``manifest.json`` (format ``hybridstitch-engines``, version :data:`FORMAT_VERSION`)::
 
     {
-      "format": "hybridstitch-engines", "format_version": 1,
+      "format": "hybridstitch-engines", "format_version": 2,
       "created": "2025-01-01T00:00:00Z",   # first export into this folder
       "updated": "...",                      # last graph built
       "complete": true,                      # every graph listed below is built
@@ -16,9 +16,11 @@
       "opset": 18,
       "resolution": {"height": 768, "width": 768, "latent_height": 96, "latent_width": 96,
                      "vae_scale_factor": 8},
-      "batch": 2,                            # CFG included: 1 image with guidance = 2
+      "batch": 2,                            # CFG included (1 image with guidance = 2): the batch TensorRT
+                                             # profiles are built for; the ONNX graphs take any batch
       "tokens": {"image": 2304, "text": 333},
-      "buckets": [{"ratio": 0.1, "masked_tokens": 231, "graph": "large_masked_10"}, ...],
+      "buckets": [{"ratio": 0.1, "masked_tokens": 231, "graph": "large"}, ...],   # TensorRT's k profiles;
+                                             # ONNX Runtime serves any k = ceil(r N) with the same graph
       "models": {"large": {"path": "/abs/large", "transformer_dir": "/abs/large/transformer",
                            "weights": {"sha256": "...", "files": [{"name", "size", "mtime_ns", "sha256"}]},
                            "config": {...diffusers transformer config...}},
@@ -26,14 +28,16 @@
       "scheduler": {...FlowMatchEulerDiscreteScheduler config...} | null,
       "graphs": {"small": {"kind": "small", "file": "small.onnx", "external_data": null | "small.onnx.data",
                            "files": [{"name", "size", "sha256"}], "key": "<sha256 of what it was built from>",
-                           "inputs": [{"name", "shape", "dtype"}], "outputs": [...],
-                           "masked_tokens": null | k, "custom_nodes": 0 | n},
-                 "large": {...}, "large_masked_10": {...}, ...},
+                           "inputs": [{"name", "shape", "dtype"}], "outputs": [...],   # shapes: ints, or the
+                           "custom_nodes": 0 | n},                                     # symbols "batch" / "k"
+                 "large": {...}},             # the one large graph: masked steps at any k, the full step at k = N
       "tensorrt": null | {...}               # TensorRT engines built from these graphs, per GPU and TensorRT
                                              # version: see hybridstitch.export.tensorrt_build
     }
 
-Dtypes are ONNX element-type names (``float``, ``float16``, ``int64``). The transformer
+Version 2 (this one) holds the large weights once: one large graph with a symbolic number of
+masked tokens serves every mask ratio and the full step (version 1 had a full large graph and
+one masked graph per bucket, each with its own copy of the weights). Dtypes are ONNX element-type names (``float``, ``float16``, ``int64``). The transformer
 configs make the engines self-describing: a runtime builds its :class:`TransformerSpec` from
 them without the checkpoints. Every write is atomic (:mod:`hybridstitch.fileio`).
 
@@ -57,7 +61,9 @@ from hybridstitch.errors import HybridStitchError
 from hybridstitch.fileio import atomic_write_text
 
 FORMAT = "hybridstitch-engines"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The symbolic dimensions of the graphs' shapes: the batch (CFG included) and the masked tokens k.
+BATCH, MASKED = "batch", "k"
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -146,27 +152,29 @@ def file_problem(folder: str, name: str, size: int, sha256: str, hash_files: boo
 @dataclass
 class TensorInfo:
     name: str
-    shape: list[int]
+    shape: list[int | str]  # a size, or the name of a symbolic dimension ("batch", "k")
     dtype: str  # ONNX element type name: float, float16, int64
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorInfo":
-        return cls(name=d["name"], shape=[int(s) for s in d["shape"]], dtype=d["dtype"])
+        return cls(name=d["name"], shape=[s if isinstance(s, str) else int(s) for s in d["shape"]], dtype=d["dtype"])
+
+    def resolve(self, sizes: dict[str, int]) -> list[int]:
+        """The shape with its symbolic dimensions replaced by ``sizes`` (e.g. ``{"batch": 2, "k": 5}``)."""
+        return [sizes[d] if isinstance(d, str) else d for d in self.shape]
 
 
 @dataclass
 class GraphEntry:
     """One built graph and the files that hold it."""
 
-    kind: str  # "small" | "large" | "masked"
+    kind: str  # "small" | "large"
     file: str  # relative to the engine folder
     key: str  # sha256 of everything the graph was built from; a rerun rebuilds when it moves
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
     files: list[dict] = field(default_factory=list)  # [{name, size, sha256}]: the .onnx and its external data
     external_data: str | None = None
-    masked_tokens: int | None = None
-    bucket_ratio: float | None = None
     custom_nodes: int = 0  # CachedKVAttention nodes in the graph
     built: str = ""
 
@@ -285,8 +293,3 @@ def read_manifest(folder: str) -> Manifest:
     except (OSError, ValueError) as e:
         raise HybridStitchError(f"could not read {path}: {e}; re-export the engines (hybridstitch-export --out {folder})") from e
     return Manifest.from_dict(data, where=path)
-
-
-def bucket_graph_name(ratio: float) -> str:
-    """``0.3`` -> ``"large_masked_30"``; ``0.125`` -> ``"large_masked_12.5"``."""
-    return f"large_masked_{ratio * 100:g}"

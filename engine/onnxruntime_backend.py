@@ -12,25 +12,19 @@ shapes and dtypes against the manifest. A request is checked against the manifes
 
 Runtime:
 
-* One ``InferenceSession`` per graph, made once. Each large session (full + every bucket)
-  holds its own copy of the large weights: handing every session one shared copy with
-  ``SessionOptions.add_initializer`` saved little on the CPU provider (it prepacks MatMul
-  weights per session, and parses the inline weights of each file anyway), so it is not done.
+* Two ``InferenceSession``\ s, made once: the small graph and THE large graph, so the large
+  weights are held once. The large graph takes any number of masked tokens k: a masked step
+  runs it on ``ceil(r * N)`` tokens (exactly: no bucket rounds it up; the trace's
+  ``bucket_ratio`` equals the mask ratio), the full step at k = N with every position.
+* Both graphs take any batch (symbolic), so one engine set serves one image or eight.
 * Every call runs through IO binding: torch inputs and outputs are bound by pointer (no
   numpy round trip), in the engine precision; fp16 engines get their inputs cast at the
   boundary and return outputs in the caller's dtype.
-* The KV cache (:class:`OrtKVCache`) lives in ``OrtValue``s between steps, never in numpy or
-  torch. A full large step writes the caches in place (its cache outputs are bound to the
-  cache's buffers). A masked step reads the current buffers and writes the updated caches into
-  a second set of buffers, then the two sets swap: ONNX Runtime cannot alias an output onto an
-  input, so double buffering is what avoids a copy. A cache therefore holds 2 x
-  (slots x 2 x B x H x N x D) elements.
-
-Buckets (:meth:`~hybridstitch.engine.base.EngineLargeDenoiser.bucket_for`): a masked stage of ratio ``r`` needs
-``ceil(r * N)`` tokens; it is served by the smallest bucket with at least that many tokens
-(the next larger bucket when ``r`` has none of its own: the pipeline's trace records the
-bucket's ratio next to the configured one for each step). A ratio above the largest bucket is
-a :class:`HybridStitchError` naming the buckets and the ``--buckets`` to re-export with.
+* The KV cache (:class:`OrtKVCache`) lives in ``OrtValue``\ s between steps, never in numpy or
+  torch. Each step reads the current buffers and writes the updated caches into a second set,
+  then the two sets swap: ONNX Runtime cannot alias an output onto an input, so double
+  buffering is what avoids a copy. A cache therefore holds 2 x (slots x 2 x B x H x N x D)
+  elements. Steps that keep no cache (large-only runs) write a scratch set per batch size.
 
 Providers: CPU by default. ``providers=["cuda"]`` or ``["tensorrt"]`` (or full names such as
 ``"CUDAExecutionProvider"``, optionally ``(name, options)`` pairs) need ``onnxruntime-gpu``;
@@ -46,8 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from hybridstitch.denoiser import require_filled
+from hybridstitch.denoiser import Bucket, require_filled
 from hybridstitch.errors import HybridStitchError
+from hybridstitch.masks import tokens_for_ratio
+from hybridstitch.tokens import unpatchify
 
 from .base import (
     EngineDenoiser,
@@ -55,9 +51,9 @@ from .base import (
     EngineSet,
     check_graph_files,
     check_source_weights,
-    load_graphs,
     open_engine_folder,
 )
+from .manifest import BATCH, MASKED
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -170,17 +166,19 @@ class OrtGraph:
                         f"{ORT_TYPES[t.dtype]} {t.shape}; re-export the engines"
                     )
 
-    def empty(self, name: str) -> torch.Tensor:
+    def empty(self, name: str, sizes: dict[str, int]) -> torch.Tensor:
+        """An output buffer of ``name`` at the symbolic ``sizes`` (``{"batch": B, "k": k}``)."""
         t = self.outputs[name]
-        return torch.empty(t.shape, dtype=TORCH_DTYPES[t.dtype], device=self.device)
+        return torch.empty(t.resolve(sizes), dtype=TORCH_DTYPES[t.dtype], device=self.device)
 
-    def prepare(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def prepare(self, name: str, x: torch.Tensor, sizes: dict[str, int]) -> torch.Tensor:
         """A caller's tensor as this input wants it (device, dtype, contiguous); shape checked."""
         t = self.inputs[name]
-        if list(x.shape) != t.shape:
+        want = t.resolve(sizes)
+        if list(x.shape) != want:
             raise HybridStitchError(
-                f"{name} has shape {list(x.shape)}, the {self.name} engine takes {t.shape} "
-                "(engines have fixed shapes: export others for this request)"
+                f"{name} has shape {list(x.shape)}, the {self.name} engine takes {want} ({t.shape} with {sizes}): "
+                "the resolution and text tokens are fixed at export; export others for this request"
             )
         return x.to(device=self.device, dtype=TORCH_DTYPES[t.dtype]).contiguous()
 
@@ -233,14 +231,14 @@ class OrtKVCache:
 # -- denoisers ---------------------------------------------------------------------------------------
 
 
-def full_inputs(den: EngineDenoiser, graph: OrtGraph, latents, prompt_embeds, pooled, timestep) -> dict:
+def full_inputs(den: EngineDenoiser, graph: OrtGraph, sizes: dict, latents, prompt_embeds, pooled, timestep) -> dict:
     """The inputs every graph takes, as ``graph`` wants them."""
     den.check_text(prompt_embeds)
     return {
-        "latents": graph.prepare("latents", latents),
-        "prompt_embeds": graph.prepare("prompt_embeds", prompt_embeds),
-        "pooled": graph.prepare("pooled", pooled),
-        "timestep": graph.prepare("timestep", timestep),
+        "latents": graph.prepare("latents", latents, sizes),
+        "prompt_embeds": graph.prepare("prompt_embeds", prompt_embeds, sizes),
+        "pooled": graph.prepare("pooled", pooled, sizes),
+        "timestep": graph.prepare("timestep", timestep, sizes),
     }
 
 
@@ -255,22 +253,32 @@ class OrtDenoiser(EngineDenoiser):
 
     @torch.no_grad()
     def forward(self, latents, prompt_embeds, pooled, timestep, cache=None):
-        inputs = full_inputs(self, self.graph, latents, prompt_embeds, pooled, timestep)
-        velocity = self.graph.empty("velocity")
+        sizes = {BATCH: latents.shape[0]}
+        inputs = full_inputs(self, self.graph, sizes, latents, prompt_embeds, pooled, timestep)
+        velocity = self.graph.empty("velocity", sizes)
         self.graph.run(inputs, {"velocity": velocity})
         return velocity.to(latents.dtype)
 
 
 class OrtLargeDenoiser(EngineLargeDenoiser):
-    """The large transformer: its full graph (with cache outputs) and one masked graph per bucket."""
+    """The large transformer: ONE graph (one copy of the weights) for every step. A masked step
+    runs it on the k masked tokens; the full step runs it at k = N with every position, which
+    rewrites every cache row and returns every token's output."""
 
     backend = "onnxruntime"
 
-    def __init__(self, graph: OrtGraph, masked: dict[int, OrtGraph], manifest, folder: str):
+    def __init__(self, graph: OrtGraph, manifest, folder: str):
         super().__init__(manifest, folder, graph.device)
         self.graph = graph
-        self.masked = masked  # masked tokens k -> graph
-        self._scratch: OrtKVCache | None = None  # cache outputs of full steps that keep no cache
+        self._scratch: dict[int, OrtKVCache] = {}  # batch -> caches of full steps that keep none
+
+    def bucket_for(self, ratio: float, num_tokens: int) -> Bucket:
+        """Exactly ``ceil(ratio * N)`` tokens: the graph takes any k, so no bucket rounds it up."""
+        self.check_tokens(num_tokens)
+        return Bucket(ratio=ratio, masked_tokens=tokens_for_ratio(ratio, num_tokens), graph=self.graph.name)
+
+    def validate_request(self, batch: int, height: int, width: int, mask_ratios=()) -> None:
+        EngineDenoiser.validate_request(self, batch, height, width)  # any ratio: no bucket to find
 
     def new_cache(self, batch: int, height: int, width: int) -> OrtKVCache:
         self.check_cache_request(batch, height, width)
@@ -278,40 +286,41 @@ class OrtLargeDenoiser(EngineLargeDenoiser):
         cache = OrtKVCache(batch=batch, num_tokens=self.manifest.tokens["image"])
         device_type = "cuda" if self.device.type == "cuda" else "cpu"
         for name in self.cache_names:
-            t = self.graph.outputs[name]
+            t = self.graph.inputs[name]
             for buffers in (cache.current, cache.spare):
                 buffers[name] = ort.OrtValue.ortvalue_from_shape_and_type(
-                    t.shape, NUMPY_DTYPES[t.dtype], device_type, self.device.index or 0
+                    t.resolve({BATCH: batch}), NUMPY_DTYPES[t.dtype], device_type, self.device.index or 0
                 )
         return cache
 
+    def _run(self, latents, prompt_embeds, pooled, timestep, index, cache: OrtKVCache) -> torch.Tensor:
+        """One run of the graph: reads ``cache.current``, writes the updated caches into
+        ``cache.spare`` (ONNX Runtime cannot alias an output onto an input), then the two swap.
+        Returns the tokens [B, k, p*p*C]."""
+        sizes = {BATCH: latents.shape[0], MASKED: index.shape[1]}
+        inputs = full_inputs(self, self.graph, sizes, latents, prompt_embeds, pooled, timestep)
+        inputs["index"] = self.graph.prepare("index", index, sizes)
+        inputs.update(cache.current)
+        tokens = self.graph.empty("tokens", sizes)
+        self.graph.run(inputs, {"tokens": tokens, **{f"new_{name}": v for name, v in cache.spare.items()}})
+        cache.swap()
+        return tokens
+
     @torch.no_grad()
     def forward(self, latents, prompt_embeds, pooled, timestep, cache: OrtKVCache | None = None):
-        inputs = full_inputs(self, self.graph, latents, prompt_embeds, pooled, timestep)
-        velocity = self.graph.empty("velocity")
-        if cache is None:  # the cache outputs still need somewhere to go
-            if self._scratch is None:
-                self._scratch = self.new_cache(self.manifest.batch, *self.manifest.latent_size)
-            target = self._scratch
-        else:
-            target = cache
-        self.graph.run(inputs, {"velocity": velocity, **target.current})  # caches written in place
-        if cache is not None:
-            cache.filled = True
-        return velocity.to(latents.dtype)
+        b, _, h, w = latents.shape
+        if cache is None:  # the graph still reads and writes caches: a scratch set per batch size
+            cache = self._scratch.get(b) or self._scratch.setdefault(b, self.new_cache(b, *self.manifest.latent_size))
+        n = self.manifest.tokens["image"]
+        every = torch.arange(n, device=self.device).expand(b, n)  # [B, N]: all positions, in order
+        tokens = self._run(latents, prompt_embeds, pooled, timestep, every, cache)
+        cache.filled = True
+        return unpatchify(tokens, self.spec.patch_size, h, w).to(latents.dtype)  # [B, C, H, W]
 
     @torch.no_grad()
     def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, cache: OrtKVCache):
         require_filled(cache)
-        graph = self.graph_for(self.masked, int(index.shape[1]))
-        inputs = full_inputs(self, graph, latents, prompt_embeds, pooled, timestep)
-        inputs["index"] = graph.prepare("index", index)
-        inputs.update(cache.current)
-        tokens = graph.empty("tokens")
-        outputs = {"tokens": tokens, **{f"new_{name}": v for name, v in cache.spare.items()}}
-        graph.run(inputs, outputs)
-        cache.swap()
-        return tokens.to(latents.dtype)
+        return self._run(latents, prompt_embeds, pooled, timestep, index, cache).to(latents.dtype)
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -349,10 +358,9 @@ def load_engines(
 
     providers = resolve_providers(providers)
     device = provider_device(providers)
-    small, large, masked = load_graphs(
-        manifest, lambda name: OrtGraph(name, manifest.graphs[name], folder, providers, session_options(num_threads), device)
-    )
+    small, large = (OrtGraph(name, manifest.graphs[name], folder, providers, session_options(num_threads), device)
+                    for name in ("small", "large"))
     return OrtEngineSet(
-        folder=folder, manifest=manifest, large=OrtLargeDenoiser(large, masked, manifest, folder),
+        folder=folder, manifest=manifest, large=OrtLargeDenoiser(large, manifest, folder),
         small=OrtDenoiser("small", small, manifest, folder), device=device, notes=notes, providers=providers,
     )

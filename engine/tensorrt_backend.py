@@ -12,25 +12,31 @@ the manifest (size, and sha256 unless ``verify_files=False``) and each engine's 
 directions, shapes and dtypes against the graph it was built from, with errors that name the
 tensor, before any request.
 
-Runtime, in the manner of TensorRT-LLM's session:
+Runtime, in the manner of TensorRT-LLM's session and TensorRT's demo/Diffusion:
 
-* every engine is deserialised once and gets one execution context; every I/O buffer is a torch
-  CUDA tensor allocated once (inputs are copied into theirs, outputs are copied out to the
-  caller's dtype), bound with ``set_tensor_address`` and run with ``execute_async_v3`` on one
-  CUDA stream that the engines share;
+* two engines: the small one, and ONE large engine (one copy of the weights) with one
+  optimization profile per bucket (min = opt = max = k: static-shape kernels per bucket) plus
+  the k = N profile that runs the full step. Each profile gets one execution context, created
+  with user-managed device memory: every context of both engines shares ONE activation block
+  sized to the largest (they run one at a time on one stream), as demo/Diffusion's engines do;
+* every I/O buffer but the caches is a torch CUDA tensor allocated once per profile (inputs are
+  copied into theirs, outputs copied out to the caller's dtype), bound with
+  ``set_tensor_address`` after ``set_input_shape`` and run with ``execute_async_v3`` on the
+  engines' one CUDA stream;
 * the KV cache lives on the device between steps, in two buffer sets owned by the large
-  denoiser (:class:`TrtKVCache`): a full step writes the current set in place; a masked step
-  reads the current set and writes the spare one, then they swap. TensorRT may alias an output
-  onto an input only inside the network, not across its I/O boundary, so the plugin's in-place
-  cache update becomes, at the engine's edge, "copy the cache once, update k rows": the two sets
-  make that copy the only one. Both sets are allocated once, so one request at a time runs on an
-  engine set (a second ``new_cache`` retires the first);
-* CUDA graphs: shapes are static, and every call of an engine binds one of at most two address
-  sets (which cache set is read / written), so after the first execution of each, the call is
-  captured into a ``torch.cuda.CUDAGraph`` (TensorRT's advice: enqueue once before capturing)
-  and later calls replay it. Fallback: engines with a Python (JIT) plugin -- Torch-TensorRT's --
-  and any engine whose capture fails run ``execute_async_v3`` directly (the failure is logged
-  once and listed in ``EngineSet.notes``); ``cuda_graphs=False`` turns capture off.
+  denoiser (:class:`TrtKVCache`): every large step reads the current set and writes the spare
+  one, then they swap. TensorRT may alias an output onto an input only inside the network, not
+  across its I/O boundary, so the plugin's in-place cache update becomes, at the engine's edge,
+  "copy the cache once, update k rows": the two sets make that copy the only one. Both sets are
+  allocated once, so one request at a time runs on an engine set (a second ``new_cache`` retires
+  the first);
+* CUDA graphs: per profile the shapes are static, and every call binds one of two address sets
+  (which cache set is read / written), so after the first execution of each, the call is captured
+  into a ``torch.cuda.CUDAGraph`` (TensorRT's advice: enqueue once before capturing; capture
+  errors are thread-local, as trtexec's) and later calls replay it. Fallback: engines with a
+  Python (JIT) plugin -- Torch-TensorRT's -- and any engine whose capture fails run
+  ``execute_async_v3`` directly (the failure is logged once and listed in ``EngineSet.notes``);
+  ``cuda_graphs=False`` turns capture off.
 
 TensorRT is imported lazily (:class:`TrtRuntime`); this module imports on machines without it.
 """
@@ -47,17 +53,26 @@ import torch
 
 from hybridstitch.denoiser import require_filled
 from hybridstitch.errors import HybridStitchError
+from hybridstitch.tokens import unpatchify
 
 from .base import (
     EngineDenoiser,
     EngineLargeDenoiser,
     EngineSet,
     check_source_weights,
-    load_graphs,
     open_engine_folder,
     required_graphs,
 )
-from .builds import EngineTensor, check_engine_file, current_device, onnx_sha256, select_build
+from .builds import (
+    EngineTensor,
+    check_engine_file,
+    current_device,
+    onnx_sha256,
+    profile_covers,
+    select_build,
+    shape_matches,
+)
+from .manifest import BATCH, MASKED
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +87,8 @@ def _is_cache(name: str) -> bool:
 
 
 class TrtRuntime:
-    """TensorRT as the backend uses it: deserialising engines and describing their I/O tensors."""
+    """TensorRT as the backend uses it: deserialising engines, describing their I/O tensors and
+    optimization profiles, and making execution contexts on user-managed memory."""
 
     def __init__(self):
         try:
@@ -96,7 +112,8 @@ class TrtRuntime:
         return engine
 
     def io(self, engine) -> list[EngineTensor]:
-        """The engine's I/O tensors in its own order, dtypes as ONNX element type names."""
+        """The engine's I/O tensors in its own order (-1 for a dynamic dimension), dtypes as ONNX
+        element type names."""
         trt = self.trt
         names = {trt.float32: "float", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int64: "int64",
                  trt.int32: "int32"}
@@ -109,13 +126,61 @@ class TrtRuntime:
             ))
         return out
 
+    def num_profiles(self, engine) -> int:
+        return engine.num_optimization_profiles
+
+    def profile_memory(self, engine, profile: int) -> int:
+        """Device memory (bytes) a context of ``profile`` needs for its activations."""
+        return int(engine.get_device_memory_size_for_profile_v2(profile))
+
+    def context(self, engine, profile: int, stream_handle: int):
+        """An execution context of ``profile`` that owns no device memory (the caller provides it)."""
+        context = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise HybridStitchError("TensorRT could not create an execution context (out of GPU memory?)")
+        if profile and not context.set_optimization_profile_async(profile, stream_handle):
+            raise HybridStitchError(f"TensorRT refused optimization profile {profile} for a new context")
+        return context
+
+
+class DeviceMemory:
+    """The one activation block every context of an engine set uses (they run one at a time on
+    one stream), sized to the largest profile's need; 256-byte aligned as TensorRT wants."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.block: torch.Tensor | None = None
+        self.size = 0
+
+    def reserve(self, size: int) -> None:
+        self.size = max(self.size, int(size))
+
+    def allocate(self) -> tuple[int, int]:
+        """(address, size) of the block, allocated on first call."""
+        if self.block is None:
+            self.block = torch.empty(max(self.size, 1) + 256, dtype=torch.uint8, device=self.device)
+        address = self.block.data_ptr()
+        return address + (-address) % 256, self.size
+
 
 # -- one engine ---------------------------------------------------------------------------------------------
 
 
-class TrtGraph:
-    """One engine: its execution context, its persistent I/O buffers (all but the caches) and its
-    captured CUDA graphs, one per cache binding."""
+@dataclass
+class _Profile:
+    """One optimization profile of an engine: its context, its I/O buffers (all but the caches) per
+    set of sizes, and the CUDA graphs captured on them."""
+
+    index: int
+    sizes: dict  # symbol -> int, or [min, opt, max]
+    context: Any
+    buffers: dict = field(default_factory=dict)  # sizes tuple -> {name: tensor}
+    graphs: dict = field(default_factory=dict)  # call key -> torch.cuda.CUDAGraph
+
+
+class TrtEngine:
+    """One engine: its profiles (one execution context each, on the engine set's shared device
+    memory), their persistent I/O buffers and captured CUDA graphs."""
 
     def __init__(self, name: str, entry, record: dict, engine, runtime, device: torch.device, stream,
                  cuda_graphs: bool, notes: list[str]):
@@ -124,19 +189,29 @@ class TrtGraph:
         self.outputs = {t.name: t for t in entry.outputs}
         self.io_names = dict(record.get("io_names") or {t: t for t in [*self.inputs, *self.outputs]})
         self._check_io(runtime.io(engine))
-        self.engine = engine
-        self.context = engine.create_execution_context()
-        if self.context is None:
+        self.engine, self.runtime = engine, runtime
+        self.profile_sizes = list(record.get("profiles") or [{}])
+        have = runtime.num_profiles(engine)
+        if have != len(self.profile_sizes):
             raise HybridStitchError(
-                f"TensorRT could not create an execution context for the {name} engine (out of GPU memory?)"
+                f"the {name} engine has {have} optimization profiles, the manifest lists {len(self.profile_sizes)}; "
+                "the engine folder is inconsistent: re-export it"
             )
-        self.buffers = {
-            n: torch.empty(t.shape, dtype=TORCH_DTYPES[t.dtype], device=device)
-            for n, t in [*self.inputs.items(), *self.outputs.items()] if not _is_cache(n)
-        }
+        self.profiles: list[_Profile] = []
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
-        self._graphs: dict[Any, Any] = {}
         self._notes = notes
+
+    def memory_need(self) -> int:
+        return max(self.runtime.profile_memory(self.engine, i) for i in range(len(self.profile_sizes)))
+
+    def activate(self, memory: DeviceMemory) -> None:
+        """One context per profile, all on ``memory`` (the engine set's shared block)."""
+        address, size = memory.allocate()
+        handle = self.stream.cuda_stream if self.stream is not None else 0
+        for i, sizes in enumerate(self.profile_sizes):
+            context = self.runtime.context(self.engine, i, handle)
+            context.set_device_memory(address, size)
+            self.profiles.append(_Profile(i, sizes, context))
 
     def _check_io(self, tensors) -> None:
         got = {t.name: t for t in tensors}
@@ -154,54 +229,83 @@ class TrtGraph:
                     f"the {self.name} engine has no {kind} {self.io_names.get(want.name, want.name)!r} ({want.name}); "
                     "the engine folder is inconsistent: re-export it"
                 )
-            if list(t.shape) != list(want.shape) or t.dtype != want.dtype:
+            if not shape_matches(t.shape, want.shape) or t.dtype != want.dtype:
                 raise HybridStitchError(
                     f"the {self.name} engine's {kind} {want.name!r} is {t.dtype} {list(t.shape)}, the manifest says "
                     f"{want.dtype} {want.shape}; re-export the engines"
                 )
 
-    def load(self, name: str, x: torch.Tensor) -> None:
-        """Copy a caller's tensor into this input's buffer (on the current stream); shape checked."""
-        t = self.inputs[name]
-        if list(x.shape) != t.shape:
-            raise HybridStitchError(
-                f"{name} has shape {list(x.shape)}, the {self.name} engine takes {t.shape} "
-                "(engines have fixed shapes: export others for this request)"
-            )
-        self.buffers[name].copy_(x)
+    def covers(self, sizes: dict[str, int]) -> bool:
+        return any(profile_covers(p, sizes) for p in self.profile_sizes)
 
-    def run(self, caches: dict[str, torch.Tensor], key) -> None:
-        """Run with the persistent buffers and ``caches`` (I/O name -> the cache set's tensor)."""
-        graph = self._graphs.get(key)
+    def _profile(self, sizes: dict[str, int]) -> _Profile:
+        for p in self.profiles:
+            if profile_covers(p.sizes, sizes):
+                return p
+        raise HybridStitchError(
+            f"the {self.name} engine has no optimization profile for {sizes} (it has {self.profile_sizes}); "
+            "re-export with the batch and buckets this request needs"
+        )
+
+    def _buffers(self, profile: _Profile, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+        key = tuple(sorted(sizes.items()))
+        buffers = profile.buffers.get(key)
+        if buffers is None:  # once per profile (and set of sizes): shapes are set on the context then
+            buffers = {
+                n: torch.empty(t.resolve(sizes), dtype=TORCH_DTYPES[t.dtype], device=self.device)
+                for n, t in [*self.inputs.items(), *self.outputs.items()] if not _is_cache(n)
+            }
+            profile.buffers[key] = buffers
+        for name, t in self.inputs.items():
+            if not profile.context.set_input_shape(self.io_names.get(name, name), t.resolve(sizes)):
+                raise HybridStitchError(f"TensorRT refused the shape {t.resolve(sizes)} of {name} ({self.name} engine)")
+        return buffers
+
+    def run(self, inputs: dict[str, torch.Tensor], sizes: dict[str, int], caches: dict[str, torch.Tensor],
+            key) -> dict[str, torch.Tensor]:
+        """Copy ``inputs`` into the profile's buffers (shapes checked), run with ``caches`` (I/O name
+        -> the cache set's tensor) bound, and return the output buffers (valid until the next run)."""
+        profile = self._profile(sizes)
+        buffers = self._buffers(profile, sizes)
+        for name, x in inputs.items():
+            if list(x.shape) != list(buffers[name].shape):
+                raise HybridStitchError(
+                    f"{name} has shape {list(x.shape)}, the {self.name} engine takes {list(buffers[name].shape)} "
+                    "here: the resolution and text tokens are fixed at export"
+                )
+            buffers[name].copy_(x)
+        graph_key = (profile.index, tuple(sorted(sizes.items())), key)
+        graph = profile.graphs.get(graph_key)
         if graph is not None:
             graph.replay()
-            return
-        bindings = {**self.buffers, **caches}
-        for name, tensor in bindings.items():
-            self.context.set_tensor_address(self.io_names.get(name, name), tensor.data_ptr())
-        self._execute()
+            return buffers
+        for name, tensor in {**buffers, **caches}.items():
+            profile.context.set_tensor_address(self.io_names.get(name, name), tensor.data_ptr())
+        self._execute(profile)
         if self.cuda_graphs:
-            self._capture(key)
+            self._capture(profile, graph_key)
+        return buffers
 
-    def _execute(self) -> None:
+    def _execute(self, profile: _Profile) -> None:
         handle = self.stream.cuda_stream if self.stream is not None else 0
-        if not self.context.execute_async_v3(handle):
+        if not profile.context.execute_async_v3(handle):
             raise HybridStitchError(f"TensorRT failed to run the {self.name} engine (its log above says why)")
 
-    def _capture(self, key) -> None:
+    def _capture(self, profile: _Profile, key) -> None:
         # the addresses just bound are the ones the graph keeps; the execution above was the warm-up
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
-                self._execute()
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                self._execute(profile)
         except Exception as e:  # capture is an optimisation: run uncaptured from now on
             self.cuda_graphs = False
-            self._graphs.clear()
+            for p in self.profiles:
+                p.graphs.clear()
             note = f"{self.name}: CUDA graph capture failed ({type(e).__name__}: {e}); running without CUDA graphs"
             log.warning(note)
             self._notes.append(note)
             return
-        self._graphs[key] = graph
+        profile.graphs[key] = graph
 
 
 # -- the cache ------------------------------------------------------------------------------------------------
@@ -211,7 +315,7 @@ class TrtGraph:
 class TrtKVCache:
     """One request's image-token K/V of every slot, on the device, in two buffer sets owned by the
     large denoiser: ``sets[index]`` holds the latest cache (names ``cache_k.{slot}`` /
-    ``cache_v.{slot}``, each ``[B, H, N, D]``); a masked step writes the other set and they swap."""
+    ``cache_v.{slot}``, each ``[B, H, N, D]``); a step writes the other set and they swap."""
 
     batch: int
     num_tokens: int
@@ -258,12 +362,9 @@ class _Stream:
         caller.wait_stream(self.stream)
 
 
-def load_full(den: EngineDenoiser, graph: TrtGraph, latents, prompt_embeds, pooled, timestep) -> None:
-    """Copy the inputs every graph takes into ``graph``'s buffers."""
+def text_inputs(den: EngineDenoiser, latents, prompt_embeds, pooled, timestep) -> dict[str, torch.Tensor]:
     den.check_text(prompt_embeds)
-    for name, x in (("latents", latents), ("prompt_embeds", prompt_embeds), ("pooled", pooled),
-                    ("timestep", timestep)):
-        graph.load(name, x)
+    return {"latents": latents, "prompt_embeds": prompt_embeds, "pooled": pooled, "timestep": timestep}
 
 
 class TrtDenoiser(EngineDenoiser):
@@ -271,36 +372,47 @@ class TrtDenoiser(EngineDenoiser):
 
     backend = "tensorrt"
 
-    def __init__(self, name: str, graph: TrtGraph, manifest, folder: str, stream: _Stream):
-        super().__init__(name, manifest, folder, graph.device)
-        self.graph = graph
+    def __init__(self, name: str, engine: TrtEngine, manifest, folder: str, stream: _Stream):
+        super().__init__(name, manifest, folder, engine.device)
+        self.engine = engine
         self.stream = stream
+
+    def batch_problem(self, batch: int) -> str | None:
+        if self.engine.covers({BATCH: batch}):
+            return None
+        return f"hold TensorRT profiles for batch {self.manifest.batch} (CFG included) only"
 
     @torch.no_grad()
     def forward(self, latents, prompt_embeds, pooled, timestep, cache=None):
         with self.stream():
-            load_full(self, self.graph, latents, prompt_embeds, pooled, timestep)
-            self.graph.run({}, key="full")
-        return self.graph.buffers["velocity"].to(device=latents.device, dtype=latents.dtype, copy=True)
+            out = self.engine.run(text_inputs(self, latents, prompt_embeds, pooled, timestep),
+                                  {BATCH: latents.shape[0]}, {}, key="full")
+        return out["velocity"].to(device=latents.device, dtype=latents.dtype, copy=True)
 
 
 class TrtLargeDenoiser(EngineLargeDenoiser):
-    """The large transformer: its full graph (cache outputs) and one masked graph per bucket."""
+    """The large transformer: ONE engine (one copy of the weights), one profile per bucket plus
+    the k = N profile of the full step."""
 
     backend = "tensorrt"
 
-    def __init__(self, graph: TrtGraph, masked: dict[int, TrtGraph], manifest, folder: str, stream: _Stream):
-        super().__init__(manifest, folder, graph.device)
-        self.graph = graph
-        self.masked = masked  # masked tokens k -> graph
+    def __init__(self, engine: TrtEngine, manifest, folder: str, stream: _Stream):
+        super().__init__(manifest, folder, engine.device)
+        self.engine = engine
         self.stream = stream
         self._sets: tuple[dict, dict] | None = None
         self._active: TrtKVCache | None = None
 
+    def batch_problem(self, batch: int) -> str | None:
+        if self.engine.covers({BATCH: batch}):
+            return None
+        return f"hold TensorRT profiles for batch {self.manifest.batch} (CFG included) only"
+
     def _cache_sets(self) -> tuple[dict, dict]:
         if self._sets is None:  # allocated once, on first need
+            sizes = {BATCH: self.manifest.batch}
             self._sets = tuple(
-                {n: torch.empty(self.graph.outputs[n].shape, dtype=TORCH_DTYPES[self.graph.outputs[n].dtype],
+                {n: torch.empty(self.engine.inputs[n].resolve(sizes), dtype=TORCH_DTYPES[self.engine.inputs[n].dtype],
                                 device=self.device) for n in self.cache_names}
                 for _ in range(2)
             )
@@ -319,34 +431,39 @@ class TrtLargeDenoiser(EngineLargeDenoiser):
                 "engine set for concurrent requests"
             )
 
+    def _run(self, latents, prompt_embeds, pooled, timestep, index, read: int, key) -> torch.Tensor:
+        """One run of the engine reading cache set ``read`` and writing the other; the tokens [B, k, E]."""
+        sets = self._cache_sets()
+        caches = {**sets[read], **{f"new_{n}": t for n, t in sets[1 - read].items()}}
+        inputs = {**text_inputs(self, latents, prompt_embeds, pooled, timestep), "index": index}
+        sizes = {BATCH: latents.shape[0], MASKED: index.shape[1]}
+        with self.stream():
+            out = self.engine.run(inputs, sizes, caches, key=(key, read))
+        return out["tokens"].to(device=latents.device, dtype=latents.dtype, copy=True)
+
     @torch.no_grad()
     def forward(self, latents, prompt_embeds, pooled, timestep, cache: TrtKVCache | None = None):
-        sets = self._cache_sets()
+        b, _, h, w = latents.shape
+        n = self.manifest.tokens["image"]
+        every = torch.arange(n, device=self.device).expand(b, n)  # [B, N]: the full step is k = N
         if cache is None:
-            # the cache outputs still need somewhere to go: the spare set holds nothing live
-            target = 1 - self._active.index if self._active is not None else 1
+            # nothing to keep: read the live set (if any) and write the spare one, which holds nothing live
+            read = self._active.index if self._active is not None else 0
+            tokens = self._run(latents, prompt_embeds, pooled, timestep, every, read, "full")
         else:
             self._check_cache(cache)
-            target = cache.index  # a full step rewrites every row: the current set, in place
-        with self.stream():
-            load_full(self, self.graph, latents, prompt_embeds, pooled, timestep)
-            self.graph.run(dict(sets[target]), key=("full", target))
-        if cache is not None:
+            tokens = self._run(latents, prompt_embeds, pooled, timestep, every, cache.index, "full")
+            cache.swap()
             cache.filled = True
-        return self.graph.buffers["velocity"].to(device=latents.device, dtype=latents.dtype, copy=True)
+        return unpatchify(tokens, self.spec.patch_size, h, w)  # [B, C, H, W]
 
     @torch.no_grad()
     def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, cache: TrtKVCache):
         self._check_cache(cache)
         require_filled(cache)
-        graph = self.graph_for(self.masked, int(index.shape[1]))
-        caches = {**cache.current, **{f"new_{name}": t for name, t in cache.spare.items()}}
-        with self.stream():
-            load_full(self, graph, latents, prompt_embeds, pooled, timestep)
-            graph.load("index", index)
-            graph.run(caches, key=("masked", cache.index))
+        tokens = self._run(latents, prompt_embeds, pooled, timestep, index, cache.index, "masked")
         cache.swap()
-        return graph.buffers["tokens"].to(device=latents.device, dtype=latents.dtype, copy=True)
+        return tokens
 
 
 # -- loading ------------------------------------------------------------------------------------------------
@@ -358,6 +475,7 @@ class TrtEngineSet(EngineSet):
 
     build_id: str = ""
     build: dict = field(default_factory=dict)
+    memory: DeviceMemory | None = None  # the activation block every context shares
 
 
 def load_engines(
@@ -421,19 +539,24 @@ def load_engines(
         cuda_graphs = False
     runtime = runtime or TrtRuntime()
     stream = _Stream(device)
-
-    def graph(name: str) -> TrtGraph:
+    engines = {}
+    for name in required_graphs(manifest):
         record = build["engines"][name]
         with open(os.path.join(folder, record["file"]), "rb") as f:
             engine = runtime.deserialize(f.read(), record["file"])
-        return TrtGraph(name, manifest.graphs[name], record, engine, runtime, device, stream.stream, cuda_graphs, notes)
-
-    small, large, masked = load_graphs(manifest, graph)
+        engines[name] = TrtEngine(name, manifest.graphs[name], record, engine, runtime, device, stream.stream,
+                                  cuda_graphs, notes)
+    memory = DeviceMemory(device)
+    for engine in engines.values():
+        memory.reserve(engine.memory_need())
+    for engine in engines.values():
+        engine.activate(memory)
     return TrtEngineSet(
-        folder=folder, manifest=manifest, large=TrtLargeDenoiser(large, masked, manifest, folder, stream),
-        small=TrtDenoiser("small", small, manifest, folder, stream), device=device, notes=notes,
-        build_id=build_id, build=build,
+        folder=folder, manifest=manifest, large=TrtLargeDenoiser(engines["large"], manifest, folder, stream),
+        small=TrtDenoiser("small", engines["small"], manifest, folder, stream), device=device, notes=notes,
+        build_id=build_id, build=build, memory=memory,
     )
 
 
-__all__ = ["TrtDenoiser", "TrtEngineSet", "TrtGraph", "TrtKVCache", "TrtLargeDenoiser", "TrtRuntime", "load_engines"]
+__all__ = ["DeviceMemory", "TrtDenoiser", "TrtEngine", "TrtEngineSet", "TrtKVCache", "TrtLargeDenoiser", "TrtRuntime",
+           "load_engines"]

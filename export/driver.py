@@ -7,8 +7,9 @@ whose files are intact, so an interrupted export picks up where it stopped. File
 into a temporary folder inside the engine folder and renamed into place only once complete, and
 the manifest is rewritten (atomically) after each graph, so a failure at any point leaves the
 earlier engines and the earlier manifest as they were. A folder holding engines of another
-configuration (weights, resolution, batch, text tokens, precision, fp32 blocks, opset) is
-refused unless ``overwrite``.
+configuration (weights, resolution, text tokens, precision, fp32 blocks, opset) is refused unless
+``overwrite``. The graphs take any batch and any number of masked tokens, so neither the batch
+nor the buckets decide which graphs to build (they shape TensorRT's profiles).
 
 ``backend="tensorrt"`` exports the same ONNX graphs (they stay in the folder as the reference),
 checks each against the torch graph with ONNX Runtime, then builds one TensorRT engine per graph
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from hybridstitch.engine.manifest import GraphEntry, Manifest, read_manifest, utc_now
 from hybridstitch.errors import HybridStitchError
 
-from .graphs import FullGraph, FullLargeGraph, GraphShapes, MaskedLargeGraph, example_inputs
+from .graphs import GRAPH_MODULES, GraphShapes, dynamic_shapes, example_inputs, trace_sizes
 from .onnx_steps import DenoiserFromCheckpoint, FilesFromOnnx, OnnxFromGraph
 from .plan import ExportPlan, GraphPlan, config_mismatch, plan_export
 from .request import DTYPES, ExportRequest
@@ -70,13 +71,10 @@ def export_engines(req: ExportRequest, out: str, progress: bool = True, toolchai
         manifest.created, manifest.updated = old.created, old.updated
         if req.backend == "tensorrt":
             manifest.tensorrt = old.tensorrt  # engine builds of other GPUs / options stay listed
-        # Buckets built before and not asked for now stay: adding a bucket never drops work.
-        asked = {b.graph for b in manifest.buckets}
-        for b in old.buckets:
-            entry = old.graphs.get(b.graph)
-            if b.graph not in asked and entry is not None and entry.check_files(out, hash_files=False) is None:
-                manifest.buckets.append(b)
-                manifest.graphs[b.graph] = entry
+        # Buckets asked for before stay: adding a bucket never drops one (they are TensorRT profiles,
+        # the ONNX graphs take any k).
+        asked = {b.masked_tokens for b in manifest.buckets}
+        manifest.buckets += [b for b in old.buckets if b.masked_tokens not in asked]
         manifest.buckets.sort(key=lambda b: b.ratio)
     else:
         manifest.created = utc_now()
@@ -115,11 +113,13 @@ def _build_graph(g: GraphPlan, plan: ExportPlan, load: Callable, out: str, bar) 
     bar.set_postfix_str("load")
     denoiser = load()
     bar.update(1)
-    module = {"small": FullGraph, "large": FullLargeGraph, "masked": MaskedLargeGraph}[g.kind](denoiser)
+    module = GRAPH_MODULES[g.kind](denoiser)
     shapes = GraphShapes(req.batch, *plan.manifest.latent_size, plan.manifest.tokens["text"])
-    example = example_inputs(g.kind, denoiser.spec, shapes, DTYPES[req.precision], g.masked_tokens)
+    batch, k = trace_sizes(denoiser.spec, shapes)
+    example = example_inputs(g.kind, denoiser.spec, shapes, DTYPES[req.precision], k, batch=batch)
     bar.set_postfix_str("export")
-    model = OnnxFromGraph(module, [t.name for t in g.inputs], [t.name for t in g.outputs], example, req.opset)()
+    model = OnnxFromGraph(module, [t.name for t in g.inputs], [t.name for t in g.outputs], example, req.opset,
+                          dynamic_shapes(g.kind, denoiser.spec, shapes))()
     _check_io(model, g)
     bar.update(1)
     bar.set_postfix_str("save")
@@ -129,8 +129,7 @@ def _build_graph(g: GraphPlan, plan: ExportPlan, load: Callable, out: str, bar) 
 
     entry = GraphEntry(
         kind=g.kind, file=f"{g.name}.onnx", key=g.key, inputs=g.inputs, outputs=g.outputs, files=files,
-        external_data=data_name, masked_tokens=g.masked_tokens, bucket_ratio=g.bucket_ratio,
-        custom_nodes=count_nodes(model), built=utc_now(),
+        external_data=data_name, custom_nodes=count_nodes(model), built=utc_now(),
     )
     bar.set_postfix_str("done")
     bar.update(1)
@@ -139,8 +138,11 @@ def _build_graph(g: GraphPlan, plan: ExportPlan, load: Callable, out: str, bar) 
 
 def _check_io(model, g: GraphPlan) -> None:
     """The exported graph has exactly the planned names, shapes and dtypes (an internal invariant)."""
-    got_in = [(v.name, [int(d) for d in v.shape], v.dtype.name.lower()) for v in model.graph.inputs]
-    got_out = [(v.name, [int(d) for d in v.shape], v.dtype.name.lower()) for v in model.graph.outputs]
+    def dims(shape):  # fixed sizes as ints, symbolic dimensions by name
+        return [d if isinstance(d, int) else str(d) for d in shape]
+
+    got_in = [(v.name, dims(v.shape), v.dtype.name.lower()) for v in model.graph.inputs]
+    got_out = [(v.name, dims(v.shape), v.dtype.name.lower()) for v in model.graph.outputs]
     want_in = [(t.name, t.shape, t.dtype) for t in g.inputs]
     want_out = [(t.name, t.shape, t.dtype) for t in g.outputs]
     assert got_in == want_in, f"{g.name}: exported inputs {got_in} != planned {want_in}"

@@ -1,26 +1,33 @@
 """The torch denoiser as functional graphs with fixed input/output names, ready for export.
 
-Three kinds of graph (one resolution and batch each; the batch counts the CFG doubling):
+Two graphs are exported (one resolution each; batch and masked-token count are symbolic):
 
-==================  =================================================  ==============================================
-graph               inputs                                             outputs
-==================  =================================================  ==============================================
-``small``           latents, prompt_embeds, pooled, timestep           velocity
-``large``           latents, prompt_embeds, pooled, timestep           velocity, cache_k.{slot}, cache_v.{slot} ...
-``large_masked_*``  latents, index, prompt_embeds, pooled, timestep,   tokens, new_cache_k.{slot},
-                    cache_k.{slot}, cache_v.{slot} ...                 new_cache_v.{slot} ...
-==================  =================================================  ==============================================
+=========  =================================================  ==================================================
+graph      inputs                                             outputs
+=========  =================================================  ==================================================
+``small``  latents, prompt_embeds, pooled, timestep           velocity
+``large``  latents, index, prompt_embeds, pooled, timestep,   tokens, new_cache_k.{slot}, new_cache_v.{slot} ...
+           cache_k.{slot}, cache_v.{slot} ...
+=========  =================================================  ==================================================
 
-Shapes: latents [B, C, H, W]; prompt_embeds [B, T, joint_attention_dim]; pooled
-[B, pooled_projection_dim]; timestep [B] float32 (sigma * 1000); index [B, k] int64; velocity
-[B, C_out, H, W]; tokens [B, k, p*p*C_out]; every cache [B, heads, N, head_dim].
+Shapes (``batch`` and ``k`` symbolic): latents [batch, C, H, W]; prompt_embeds
+[batch, T, joint_attention_dim]; pooled [batch, pooled_projection_dim]; timestep [batch] float32
+(sigma * 1000); index [batch, k] int64; velocity [batch, C_out, H, W]; tokens
+[batch, k, p*p*C_out]; every cache [batch, heads, N, head_dim].
+
+The large model exists once: its one graph runs the masked tokens of any k over the caches,
+and the full step is the same graph at k = N with index = 0..N-1 (every cache row rewritten,
+the tokens unpatchified into the velocity by the runtime). With a fresh cache a masked forward
+equals the full forward at those tokens, so k = N is the full forward.
+``full_large`` (the large model's own full forward with cache outputs) is kept as a reference
+for benchmarks and tests; the export does not build it.
 
 A slot is one attention with an image-token cache, named ``{layer}.{attn|attn2}`` (``attn2``
 for the dual-attention blocks of SD3.5 Medium), in the order of
-:attr:`TransformerSpec.attention_slots`. The full large graph's cache outputs carry exactly
-the names of the masked graphs' cache inputs, so a runtime binds one to the other by name;
-one tensor per slot (not one stacked tensor) keeps each cache write a single contiguous
-buffer and lets TensorRT alias each one in place.
+:attr:`TransformerSpec.attention_slots`. Cache outputs are named ``new_`` + the input's name,
+so a runtime binds one step's outputs as the next step's inputs by name; one tensor per slot
+(not one stacked tensor) keeps each cache write a single contiguous buffer and lets TensorRT
+alias each one in place.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 from torch import nn
 
 from hybridstitch.denoiser import TransformerSpec
+from hybridstitch.engine.manifest import BATCH, MASKED
 from hybridstitch.engine.torch_backend import (
     TorchDenoiser,
     TorchKVCache,
@@ -40,6 +48,7 @@ from hybridstitch.engine.torch_backend import (
 
 FULL_INPUTS = ("latents", "prompt_embeds", "pooled", "timestep")
 MASKED_INPUTS = ("latents", "index", "prompt_embeds", "pooled", "timestep")
+KINDS = ("small", "large", "full_large")
 
 
 def slot_name(slot: tuple[int, str]) -> str:
@@ -57,7 +66,7 @@ def cache_names(spec: TransformerSpec, prefix: str = "") -> list[str]:
 
 @dataclass(frozen=True)
 class GraphShapes:
-    """The fixed shapes of one export: batch (CFG included), latent size, text tokens."""
+    """The fixed shapes of one export: latent size and text tokens (and the batch examples are made with)."""
 
     batch: int
     latent_height: int
@@ -69,10 +78,19 @@ class GraphShapes:
         return (self.latent_height // p) * (self.latent_width // p)
 
 
-def io_shapes(kind: str, spec: TransformerSpec, shapes: GraphShapes, masked_tokens: int | None = None):
-    """(inputs, outputs) of a graph: lists of ``(name, shape, dtype)`` with dtype ``"float"``
-    (the engine precision), ``"float32"`` or ``"int64"``."""
-    b, h, w, t = shapes.batch, shapes.latent_height, shapes.latent_width, shapes.text_tokens
+Dim = int | str  # a fixed size, or the name of a symbolic dimension (BATCH, MASKED)
+
+
+def io_shapes(kind: str, spec: TransformerSpec, shapes: GraphShapes, masked_tokens: int | None = None,
+              symbolic: bool = True) -> tuple[list, list]:
+    """(inputs, outputs) of a graph: lists of ``(name, shape, dtype)`` with dtype ``"float"`` (the
+    engine precision), ``"float32"`` or ``"int64"``. With ``symbolic`` the batch (and k) are the
+    names ``"batch"`` (and ``"k"``), else ``shapes.batch`` (and ``masked_tokens``)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown graph kind {kind!r}")
+    b: Dim = BATCH if symbolic else shapes.batch
+    k: Dim = MASKED if symbolic else masked_tokens
+    h, w, t = shapes.latent_height, shapes.latent_width, shapes.text_tokens
     n = shapes.image_tokens(spec)
     p = spec.patch_size
     cache_shape = [b, spec.num_heads, n, spec.head_dim]
@@ -83,19 +101,43 @@ def io_shapes(kind: str, spec: TransformerSpec, shapes: GraphShapes, masked_toke
     ]
     latents = ("latents", [b, spec.in_channels, h, w], "float")
     velocity = ("velocity", [b, spec.out_channels, h, w], "float")
-    caches = [(name, cache_shape, "float") for name in cache_names(spec)]
     if kind == "small":
         return [latents, *text], [velocity]
+    if kind == "full_large":
+        return [latents, *text], [velocity, *[(name, cache_shape, "float") for name in cache_names(spec)]]
+    assert symbolic or masked_tokens is not None
+    inputs = [latents, ("index", [b, k], "int64"), *text, *[(name, cache_shape, "float") for name in cache_names(spec)]]
+    outputs = [("tokens", [b, k, p * p * spec.out_channels], "float")]
+    outputs += [(name, cache_shape, "float") for name in cache_names(spec, "new_")]
+    return inputs, outputs
+
+
+def dynamic_shapes(kind: str, spec: TransformerSpec, shapes: GraphShapes) -> dict:
+    """``torch.export`` dynamic shapes of a graph's forward arguments: the batch of every input
+    and the masked-token count k of ``index`` (1..N)."""
+    from torch.export import Dim as ExportDim
+
+    batch = ExportDim(BATCH, min=1, max=1 << 16)
+    k = ExportDim(MASKED, min=1, max=shapes.image_tokens(spec))
+    inputs, _ = io_shapes(kind, spec, shapes)
+    dims = {name: {i: {BATCH: batch, MASKED: k}[d] for i, d in enumerate(shape) if isinstance(d, str)}
+            for name, shape, _ in inputs}
+    args = {name: dims[name] for name in (MASKED_INPUTS if kind == "large" else FULL_INPUTS)}
     if kind == "large":
-        return [latents, *text], [velocity, *caches]
-    if kind == "masked":
-        assert masked_tokens is not None
-        k = masked_tokens
-        inputs = [latents, ("index", [b, k], "int64"), *text, *caches]
-        outputs = [("tokens", [b, k, p * p * spec.out_channels], "float")]
-        outputs += [(name, cache_shape, "float") for name in cache_names(spec, "new_")]
-        return inputs, outputs
-    raise ValueError(f"unknown graph kind {kind!r}")
+        args["caches"] = tuple(dims[name] for name in cache_names(spec))
+    return args
+
+
+def trace_sizes(spec: TransformerSpec, shapes: GraphShapes) -> tuple[int, int]:
+    """(batch, k) of the example a symbolic graph is traced with: sizes no other dimension has,
+    so ``torch.export`` cannot confuse a symbol with a fixed size (a batch of 2 would equal the
+    patch size)."""
+    fixed = {1, spec.patch_size, spec.num_heads, spec.head_dim, spec.in_channels, shapes.text_tokens,
+             shapes.latent_height, shapes.latent_width, spec.joint_attention_dim, spec.pooled_projection_dim}
+    n = shapes.image_tokens(spec)
+    batch = next(b for b in range(3, 100) if b not in fixed)
+    k = next((c for c in range(max(2, (n + 2) // 3), n) if c not in fixed | {batch}), n)
+    return batch, k
 
 
 class FullGraph(nn.Module):
@@ -155,10 +197,16 @@ class MaskedLargeGraph(nn.Module):
 
 
 def example_inputs(
-    kind: str, spec: TransformerSpec, shapes: GraphShapes, dtype: torch.dtype, masked_tokens: int | None = None, seed: int = 0
+    kind: str, spec: TransformerSpec, shapes: GraphShapes, dtype: torch.dtype, masked_tokens: int | None = None,
+    seed: int = 0, batch: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Random inputs of a graph's exact shapes (for tracing and for checks); indices sorted, distinct."""
-    inputs, _ = io_shapes(kind, spec, shapes, masked_tokens)
+    """Random inputs of a graph (batch ``shapes.batch`` unless given; ``masked_tokens`` for the
+    large graph); indices sorted, distinct."""
+    b = shapes.batch if batch is None else batch
+    if kind == "large" and masked_tokens is None:
+        raise ValueError("the large graph's example needs masked_tokens")
+    inputs, _ = io_shapes(kind, spec, GraphShapes(b, shapes.latent_height, shapes.latent_width, shapes.text_tokens),
+                          masked_tokens, symbolic=False)
     g = torch.Generator().manual_seed(seed)
     n = shapes.image_tokens(spec)
     out = []
@@ -171,3 +219,6 @@ def example_inputs(
         else:
             out.append(torch.randn(shape, generator=g).to(dtype if kind_dtype == "float" else torch.float32))
     return tuple(out)
+
+
+GRAPH_MODULES = {"small": FullGraph, "large": MaskedLargeGraph, "full_large": FullLargeGraph}

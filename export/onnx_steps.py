@@ -116,9 +116,11 @@ class OnnxFromGraph:
     exporter's passes (see ``plugins/onnx_op.py`` for why).
     """
 
-    def __init__(self, module: torch.nn.Module, input_names, output_names, example: tuple, opset: int):
+    def __init__(self, module: torch.nn.Module, input_names, output_names, example: tuple, opset: int,
+                 dynamic_shapes: dict | None = None):
         self.module, self.example, self.opset = module, example, opset
         self.input_names, self.output_names = list(input_names), list(output_names)
+        self.dynamic_shapes = dynamic_shapes
 
     def __call__(self):
         from hybridstitch.plugins import export_mode
@@ -128,7 +130,7 @@ class OnnxFromGraph:
             program = torch.onnx.export(
                 self.module.eval(), self.example, dynamo=True, opset_version=self.opset,
                 custom_translation_table=custom_translation_table(), input_names=self.input_names,
-                output_names=self.output_names, verbose=False, optimize=True,
+                output_names=self.output_names, verbose=False, optimize=True, dynamic_shapes=self.dynamic_shapes,
             )
         model = program.model
         for node in model.graph.all_nodes():

@@ -16,7 +16,6 @@ from hybridstitch.engine.manifest import (
     FORMAT_VERSION,
     Manifest,
     TensorInfo,
-    bucket_graph_name,
     fingerprint_weights,
     sha256_json,
 )
@@ -32,16 +31,21 @@ from .request import ONNX_FLOAT, ExportRequest, scheduler_config_of, text_tokens
 
 @dataclass
 class GraphPlan:
-    """One graph to have: its name, kind, shapes and the key that says when to rebuild it."""
+    """One graph to have: its name (= its kind and checkpoint role: small | large), shapes, and the
+    key that says when to rebuild it."""
 
     name: str
-    kind: str  # small | large | masked
-    role: str  # which checkpoint: small | large
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
     key: str
-    masked_tokens: int | None = None
-    bucket_ratio: float | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.name
+
+    @property
+    def role(self) -> str:
+        return self.name
 
 
 @dataclass
@@ -109,25 +113,21 @@ def plan_export(req: ExportRequest) -> ExportPlan:
         scheduler=scheduler_config_of(req.large), hybridstitch_version=hybridstitch.__version__,
         fp32_blocks=fp32_blocks,
     )
-    common = dict(format_version=FORMAT_VERSION, op=manifest.op, shapes=vars(shapes), precision=req.precision,
-                  opset=req.opset, backend=req.backend)
+    # the batch is symbolic: the graphs do not depend on it (TensorRT profiles do, see tensorrt_build)
+    common = dict(format_version=FORMAT_VERSION, op=manifest.op, resolution=manifest.resolution, text_tokens=text,
+                  precision=req.precision, opset=req.opset, backend=req.backend)
 
-    def graph(name, kind, role, k=None, ratio=None):
-        ins, outs = io_shapes(kind, specs[role], shapes, k)
-        parts = dict(common, kind=kind, masked_tokens=k, weights=weights[role]["sha256"], config=configs[role])
-        if role == "large" and fp32_blocks:  # only when set: keys of earlier exports stay valid
+    def graph(role):
+        ins, outs = io_shapes(role, specs[role], shapes)
+        parts = dict(common, kind=role, weights=weights[role]["sha256"], config=configs[role])
+        if role == "large" and fp32_blocks:
             parts["fp32_blocks"] = fp32_blocks
-        key = sha256_json(parts)
-        return GraphPlan(name, kind, role, _tensor_infos(ins, req.precision), _tensor_infos(outs, req.precision), key,
-                         k, ratio)
+        return GraphPlan(role, _tensor_infos(ins, req.precision), _tensor_infos(outs, req.precision), sha256_json(parts))
 
     plan = ExportPlan(req, manifest, folders=folders)
-    plan.graphs.append(graph("small", "small", "small"))
-    plan.graphs.append(graph("large", "large", "large"))
-    for r in req.buckets:
-        k = tokens_for_ratio(r, n)
-        plan.graphs.append(graph(bucket_graph_name(r), "masked", "large", k, r))
-        manifest.buckets.append(Bucket(ratio=r, masked_tokens=k, graph=bucket_graph_name(r)))
+    plan.graphs += [graph("small"), graph("large")]
+    # Buckets: the masked-token counts TensorRT builds a profile for; the graph itself takes any k.
+    manifest.buckets = [Bucket(ratio=r, masked_tokens=tokens_for_ratio(r, n), graph="large") for r in req.buckets]
     return plan
 
 
@@ -144,7 +144,7 @@ def _backend_version(backend: str) -> str:
         return "unknown"
 
 
-CONFIG_FIELDS = ("precision", "fp32_blocks", "opset", "batch", "resolution", "tokens", "backend")
+CONFIG_FIELDS = ("precision", "fp32_blocks", "opset", "resolution", "tokens", "backend")
 
 
 def config_mismatch(old: Manifest, new: Manifest) -> str | None:

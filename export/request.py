@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from hybridstitch.engine.builds import TensorRTOptions
-from hybridstitch.engine.manifest import PRECISIONS, bucket_graph_name
+from hybridstitch.engine.manifest import PRECISIONS
 from hybridstitch.errors import HybridStitchError
 from hybridstitch.loading import read_json
 
@@ -71,9 +71,8 @@ class ExportRequest:
         for r in self.buckets:
             if not 0.0 < r <= 1.0:
                 raise HybridStitchError(f"bucket ratios must be in (0, 1], got {r} in {list(self.buckets)}")
-        names = [bucket_graph_name(r) for r in self.buckets]
-        if len(set(names)) != len(names):
-            raise HybridStitchError(f"bucket ratios {list(self.buckets)} are too close to tell apart (percent to 6 digits)")
+        if len({round(r, 6) for r in self.buckets}) != len(self.buckets):
+            raise HybridStitchError(f"bucket ratios {list(self.buckets)} are too close to tell apart (6 digits)")
         if self.opset < 18:
             raise HybridStitchError(f"opset must be >= 18 (the dynamo exporter's lowest), got {self.opset}")
         if self.text_tokens is not None and self.text_tokens < 1:

@@ -68,17 +68,21 @@ from typing import Callable
 
 from hybridstitch.engine.builds import (
     TENSORRT_DIR,
-    TIMING_CACHE_NAME,
     DeviceInfo,
+    EngineProfile,
     EngineTensor,
     TensorRTOptions,
     build_id,
     check_engine_file,
     current_device,
+    engine_profiles,
     onnx_sha256,
+    profile_shapes,
     ptx_target,
+    shape_matches,
+    timing_cache_path,
 )
-from hybridstitch.engine.manifest import sha256_file, sha256_json, utc_now
+from hybridstitch.engine.manifest import BATCH, MASKED, sha256_file, sha256_json, utc_now
 from hybridstitch.errors import HybridStitchError
 from hybridstitch.fileio import atomic_write_bytes
 
@@ -87,13 +91,14 @@ from .tensorrt_steps import EngineBytesFromOnnx, ParityFromOnnx, TensorRTOnnxFro
 log = logging.getLogger(__name__)
 
 
-def engine_key(entry, build: dict) -> str:
-    """What an engine is built from: its ONNX graph, the build options, the GPU target and TensorRT.
+def engine_key(entry, build: dict, profiles: list) -> str:
+    """What an engine is built from: its ONNX graph, its optimization profiles, the build options,
+    the GPU target and TensorRT.
 
-    The attention mode only counts for graphs holding the attention node, so the full graphs of
+    The attention mode only counts for graphs holding the attention node, so the small engines of
     a ``plugin`` and a ``standard`` build share one key (and one file)."""
     parts = dict(
-        onnx=onnx_sha256(entry), compiler=build["compiler"], precision=build["precision"],
+        onnx=onnx_sha256(entry), profiles=profiles, compiler=build["compiler"], precision=build["precision"],
         fp32_blocks=build["fp32_blocks"], tensorrt=build["tensorrt_version"], target=build["dir"].split("/")[1],
         hardware_compatibility=build["hardware_compatibility"],
         builder_optimization_level=build["builder_optimization_level"], strongly_typed=build["strongly_typed"],
@@ -147,13 +152,15 @@ class TensorRTToolchain:
         _PLUGIN_TARGET[:] = [target]
         return dict(id=PLUGIN_ID, implementation="aot", ptx_target=target)
 
-    def engine_from_onnx(self, path: str, options: TensorRTOptions, timing_cache: str | None, plugin: bool) -> bytes:
-        return EngineBytesFromOnnx(path, options, timing_cache, aliased_plugin_io=plugin)()
+    def engine_from_onnx(self, path: str, options: TensorRTOptions, timing_cache: str | None, plugin: bool,
+                         profiles: list[dict[str, tuple]]) -> bytes:
+        return EngineBytesFromOnnx(path, options, timing_cache, aliased_plugin_io=plugin, profiles=profiles)()
 
-    def engine_from_torch(self, module, example: tuple, options: TensorRTOptions, timing_cache: str | None) -> bytes:
+    def engine_from_torch(self, module, example: tuple, options: TensorRTOptions, timing_cache: str | None,
+                          dynamic_shapes: dict, ranges: list) -> bytes:
         from .torch_tensorrt_build import EngineBytesFromTorch
 
-        return EngineBytesFromTorch(module, example, options, timing_cache)()
+        return EngineBytesFromTorch(module, example, options, timing_cache, dynamic_shapes, ranges)()
 
     def engine_io(self, data: bytes) -> list[EngineTensor]:
         """The I/O tensors of a serialized engine, in the engine's order (read as the runtime reads them)."""
@@ -183,7 +190,7 @@ def match_engine_io(entry, tensors: list[EngineTensor], by_position: bool) -> di
             got = side[i] if by_position else by_name.get(want.name)
             if got is None:
                 raise HybridStitchError(f"the engine has no {kind} {want.name!r} (it has {sorted(by_name)})")
-            if list(got.shape) != list(want.shape) or got.dtype != want.dtype:
+            if not shape_matches(got.shape, want.shape) or got.dtype != want.dtype:
                 raise HybridStitchError(
                     f"the engine's {kind} {got.name!r} ({want.name}) is {got.dtype} {list(got.shape)}, the graph's is "
                     f"{want.dtype} {want.shape}"
@@ -216,11 +223,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def new_build_record(manifest, options: TensorRTOptions, device: DeviceInfo, plugin: dict | None) -> tuple[str, dict]:
     bid = build_id(device, options)
-    target_dir = "/".join([TENSORRT_DIR, *bid.split("/")[:2]])
-    if options.timing_cache is not None:
-        timing = os.path.abspath(options.timing_cache)
-    else:
-        timing = f"{target_dir}/{TIMING_CACHE_NAME}"
+    timing = os.path.abspath(options.timing_cache) if options.timing_cache is not None else timing_cache_path(device)
     record = dict(
         dir=f"{TENSORRT_DIR}/{bid}", compiler=options.compiler, attention=options.attention, gpu=device.name,
         compute_capability=list(device.compute_capability), tensorrt_version=device.tensorrt_version,
@@ -242,7 +245,7 @@ def build_engines(plan, out: str, loaders: dict, progress: bool = True,
     """
     from tqdm.auto import tqdm
 
-    from .graphs import FullGraph, FullLargeGraph, GraphShapes, MaskedLargeGraph, example_inputs
+    from .graphs import GRAPH_MODULES, GraphShapes, dynamic_shapes, example_inputs
     from .request import DTYPES
 
     toolchain = toolchain or TensorRTToolchain()
@@ -278,12 +281,10 @@ def build_engines(plan, out: str, loaders: dict, progress: bool = True,
     changed = previous is None or previous.get("complete") is not True
 
     shapes = GraphShapes(manifest.batch, *manifest.latent_size, manifest.tokens["text"])
-    graph_classes = {"small": FullGraph, "large": FullLargeGraph, "masked": MaskedLargeGraph}
-    # every graph the folder serves: buckets built by earlier exports included
-    for name in ["small", "large"] + [b.graph for b in manifest.buckets]:
+    for name in ("small", "large"):
         entry = manifest.graphs[name]
-        role = "small" if entry.kind == "small" else "large"
-        key = engine_key(entry, build)
+        profiles = build_profiles(manifest, name, options.compiler)
+        key = engine_key(entry, build, profiles)
         rel_file = f"{build['dir']}/{name}.plan"
         bar = tqdm(total=3, desc=f"{name} (TensorRT)", unit="step", disable=not progress, leave=True)
         try:
@@ -301,20 +302,29 @@ def build_engines(plan, out: str, loaders: dict, progress: bool = True,
                 bar.set_postfix_str("shared with a sibling build")
                 bar.update(3)
             else:
-                module_fn = _module_fn(loaders[role], graph_classes[entry.kind])
-                example = example_inputs(entry.kind, manifest.spec(role), shapes, DTYPES[manifest.precision],
-                                         entry.masked_tokens)
+                spec = manifest.spec(name)
+                module_fn = _module_fn(loaders[name], GRAPH_MODULES[name])
+                first = {k: (v if isinstance(v, int) else v[1]) for k, v in profiles[0].items()}
+                example = example_inputs(name, spec, shapes, DTYPES[manifest.precision], first.get(MASKED),
+                                         batch=first[BATCH])
                 bar.set_postfix_str("verify")
                 _verify(section, entry, name, out, options, module_fn, example, manifest.precision)
                 bar.update(1)
                 bar.set_postfix_str("build")
-                data = _build_one(toolchain, options, out, name, entry, module_fn, example, timing, plugin is not None)
+                if options.compiler == "torch-tensorrt":
+                    ranges = profile_shapes(entry, profiles[0])
+                    data = toolchain.engine_from_torch(module_fn(), example, options, timing,
+                                                       dynamic_shapes(name, spec, shapes),
+                                                       [ranges.get(t.name) for t in entry.inputs])
+                else:
+                    data = _build_from_onnx(toolchain, options, out, name, entry, timing, plugin is not None,
+                                            [profile_shapes(entry, p) for p in profiles])
                 io_names = match_engine_io(entry, toolchain.engine_io(data), by_position=options.compiler != "onnx")
                 bar.update(1)
                 bar.set_postfix_str("save")
                 record = _write_atomic(data, os.path.join(out, rel_file))
                 build["engines"][name] = dict(file=rel_file, **record, key=key, onnx_sha256=onnx_sha256(entry),
-                                                io_names=io_names, built=utc_now())
+                                              profiles=profiles, io_names=io_names, built=utc_now())
                 bar.update(1)
             build["updated"] = utc_now()
             section["builds"][bid] = build
@@ -365,17 +375,29 @@ def _verify(section, entry, name, out, options, module_fn, example, precision) -
     section["verified"][name] = dict(onnx_sha256=sha, result=result, checked=utc_now())
 
 
-def _build_one(toolchain, options, out, name, entry, module_fn, example, timing, plugin: bool) -> bytes:
-    if options.compiler == "torch-tensorrt":
-        return toolchain.engine_from_torch(module_fn(), example, options, timing)
+def build_profiles(manifest, name: str, compiler: str) -> list[EngineProfile]:
+    """The optimization profiles of an engine: static ones per bucket (the ONNX path), or, for
+    Torch-TensorRT (one profile per engine), one spanning them: k from the smallest bucket to N,
+    optimised for the largest bucket."""
+    profiles = engine_profiles(manifest, name)
+    if compiler != "torch-tensorrt" or len(profiles) == 1:
+        return profiles
+    ks = [p[MASKED] for p in profiles]
+    opt = ks[-2] if len(ks) > 1 else ks[-1]
+    return [dict(profiles[0], **{MASKED: [ks[0], opt, ks[-1]]})]
+
+
+def _build_from_onnx(toolchain, options, out, name, entry, timing, plugin: bool, profiles) -> bytes:
     src = os.path.join(out, entry.file)
     prepared = os.path.join(out, f".tmp-trt-{name}.{options.attention}.onnx")  # beside its external data
     try:
         TensorRTOnnxFromOnnx(src, prepared, options.attention)()
-        return toolchain.engine_from_onnx(prepared, options, timing, plugin=plugin and bool(entry.custom_nodes))
+        return toolchain.engine_from_onnx(prepared, options, timing, plugin=plugin and bool(entry.custom_nodes),
+                                          profiles=profiles)
     finally:
         if os.path.exists(prepared):
             os.unlink(prepared)
 
 
-__all__ = ["TensorRTToolchain", "build_engines", "engine_key", "match_engine_io", "new_build_record"]
+__all__ = ["TensorRTToolchain", "build_engines", "build_profiles", "engine_key", "match_engine_io", "new_build_record",
+           "shape_matches"]

@@ -111,18 +111,42 @@ class ParityFromOnnx:
         return f"onnxruntime ({provider}) vs torch ({device.type}): max relative error {worst:.2e} (tolerance {tol:g})"
 
 
+def polygraphy_profiles(shapes: list[dict[str, tuple]]) -> list:
+    """Polygraphy ``Profile``\ s from ``[{input: (min, opt, max)}]``. Every profile after the first
+    asks TensorRT for no extra weight memory (``extra_memory_target = 0``): one engine, one copy
+    of the weights, whatever the number of buckets."""
+    from polygraphy.backend.trt import Profile
+
+    class SharedWeightsProfile(Profile):
+        def to_trt(self, builder, network):
+            profile = super().to_trt(builder, network)
+            profile.extra_memory_target = 0.0  # ignored by TensorRT for the first profile
+            return profile
+
+    out = []
+    for shapes_of in shapes:
+        profile = SharedWeightsProfile()
+        for name, (lo, opt, hi) in shapes_of.items():
+            profile.add(name, min=lo, opt=opt, max=hi)
+        out.append(profile)
+    return out
+
+
 class EngineBytesFromOnnx:
     """A TensorRT-ready ONNX file -> a serialized, strongly typed engine, through Polygraphy.
 
     ``NetworkFromOnnxPath(path, strongly_typed=True)`` (types from the graph: no precision
-    flags), ``CreateConfig`` with the timing cache, builder optimisation level and hardware
-    compatibility, the aliased-plugin-I/O preview feature when the plugin is in the graph, and
-    ``EngineBytesFromNetwork(..., save_timing_cache=...)``.
+    flags), ``CreateConfig`` with one optimization profile per entry of ``profiles`` (``{input:
+    (min, opt, max) shape}``; static per bucket), the timing cache, builder optimisation level and
+    hardware compatibility, the aliased-plugin-I/O preview feature when the plugin is in the
+    graph, and ``EngineBytesFromNetwork(..., save_timing_cache=...)``.
     """
 
-    def __init__(self, path: str, options: TensorRTOptions, timing_cache: str | None, aliased_plugin_io: bool):
+    def __init__(self, path: str, options: TensorRTOptions, timing_cache: str | None, aliased_plugin_io: bool,
+                 profiles: list[dict[str, tuple]] | None = None):
         self.path, self.options = path, options
         self.timing_cache, self.aliased_plugin_io = timing_cache, aliased_plugin_io
+        self.profiles = profiles or []
 
     def loader(self, trt):
         """The Polygraphy loader chain (``trt``: the tensorrt module, for its enums); nothing runs
@@ -130,7 +154,10 @@ class EngineBytesFromOnnx:
         from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, PostprocessConfig
 
         network = NetworkFromOnnxPath(self.path, strongly_typed=True)
-        config = CreateConfig(**create_config_kwargs(self.options, trt, self.timing_cache))
+        kwargs = create_config_kwargs(self.options, trt, self.timing_cache)
+        if self.profiles:
+            kwargs["profiles"] = polygraphy_profiles(self.profiles)
+        config = CreateConfig(**kwargs)
         if self.aliased_plugin_io:
             # PostprocessConfig keeps TensorRT's default preview features (CreateConfig's
             # preview_features would switch off every feature not listed)
@@ -171,4 +198,5 @@ def create_config_kwargs(options: TensorRTOptions, trt, timing_cache: str | None
     return kwargs
 
 
-__all__ = ["EngineBytesFromOnnx", "PARITY_TOLERANCE", "ParityFromOnnx", "TensorRTOnnxFromOnnx", "create_config_kwargs"]
+__all__ = ["EngineBytesFromOnnx", "PARITY_TOLERANCE", "ParityFromOnnx", "TensorRTOnnxFromOnnx", "create_config_kwargs",
+           "polygraphy_profiles"]

@@ -56,11 +56,15 @@ def compile_settings(options, timing_cache: str | None) -> dict:
 class EngineBytesFromTorch:
     """A torch graph module and example inputs -> a serialized TensorRT engine, through Torch-TensorRT.
 
-    The module and inputs are moved to the GPU for tracing and compiling, then the module goes
-    back where it was (the same checkpoint serves every bucket)."""
+    ``dynamic_shapes`` (``torch.export``'s, for the symbolic batch and k) and ``ranges`` (per
+    example input: None, or its (min, opt, max) shape) make one engine with one dynamic profile:
+    Torch-TensorRT builds a single optimization profile per engine. The module and inputs are
+    moved to the GPU for tracing and compiling, then the module goes back where it was."""
 
-    def __init__(self, module: torch.nn.Module, example: tuple, options, timing_cache: str | None):
+    def __init__(self, module: torch.nn.Module, example: tuple, options, timing_cache: str | None,
+                 dynamic_shapes: dict | None = None, ranges: list | None = None):
         self.module, self.example, self.options, self.timing_cache = module, example, options, timing_cache
+        self.dynamic_shapes, self.ranges = dynamic_shapes, ranges or [None] * len(example)
 
     def __call__(self) -> bytes:
         torch_tensorrt = torch_tensorrt_module()
@@ -74,9 +78,14 @@ class EngineBytesFromTorch:
             with torch.no_grad():
                 self.module.to(device)
                 # on CUDA tensors the masked graph's attention traces to the torch.library op
-                program = torch.export.export(self.module.eval(), example, strict=False)
+                program = torch.export.export(self.module.eval(), example, dynamic_shapes=self.dynamic_shapes,
+                                              strict=False)
+                inputs = [
+                    x if r is None else torch_tensorrt.Input(min_shape=r[0], opt_shape=r[1], max_shape=r[2], dtype=x.dtype)
+                    for x, r in zip(example, self.ranges)
+                ]
                 data = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(
-                    program, arg_inputs=list(example), **compile_settings(self.options, self.timing_cache)
+                    program, arg_inputs=inputs, **compile_settings(self.options, self.timing_cache)
                 )
         except HybridStitchError:
             raise

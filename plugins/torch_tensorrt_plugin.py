@@ -40,8 +40,8 @@ def register_op_plugin() -> str:
 
     from . import torch_op  # noqa: F401  (registers torch.ops.hybridstitch.cached_kv_attention)
 
-    # static shapes per bucket: the engines take no dynamic dimension
-    custom_op(OP_PLUGIN, supports_dynamic_shapes=False)
+    # one engine serves every k (and batch) through a dynamic profile
+    custom_op(OP_PLUGIN, supports_dynamic_shapes=True)
     _REGISTERED.add(OP_PLUGIN)
     return OP_PLUGIN
 

@@ -49,7 +49,7 @@ def test_denoisers_behind_the_interface(engines, torch_pair):
     assert engines.large.backend == engines.small.backend == "onnxruntime"
     assert engines.large.spec == large.spec and engines.small.spec == small.spec
     assert engines.providers == ["CPUExecutionProvider"] and engines.device == torch.device("cpu")
-    for g in [engines.large.graph, engines.small.graph, *engines.large.masked.values()]:
+    for g in [engines.large.graph, engines.small.graph]:
         assert g.session.get_session_options().intra_op_num_threads == 1
 
 
@@ -90,19 +90,13 @@ def test_cache_stays_in_ortvalues_and_swaps_buffers(engines):
             assert not torch.allclose(after[name][b][:, ~keep[b]], before[name][b][:, ~keep[b]])
 
 
-def test_bucket_rule(engines):
+def test_any_ratio_runs_exactly_its_token_count(engines):
+    """One graph takes any k: a ratio gets exactly ceil(r * N) tokens, no bucket rounds it up."""
     large = engines.large
-    def served(r):
-        b = large.bucket_for(r, 16)
-        return b.masked_tokens, b.ratio
-
-    assert served(0.1) == (2, 0.1)
-    assert served(0.3) == (5, 0.3)
-    assert served(0.2) == (5, 0.3)  # 4 tokens: the next larger bucket serves it
-    assert served(0.05) == (2, 0.1)
-    assert large.bucket_for(0.2, 16).graph == "large_masked_30"
-    with pytest.raises(HybridStitchError, match=r"buckets 0.1, 0.3.*--buckets 0.1 0.3 0.5"):
-        large.bucket_for(0.5, 16)
+    for ratio, k in ((0.1, 2), (0.2, 4), (0.3, 5), (0.05, 1), (0.5, 8), (1.0, 16)):
+        b = large.bucket_for(ratio, 16)
+        assert (b.masked_tokens, b.ratio, b.graph) == (k, ratio, "large")
+    large.validate_request(2, 8, 8, mask_ratios=(0.9,))  # no bucket needed
 
 
 def _run(pipe, config, height=64, width=64, num_images_per_prompt=1):
@@ -132,26 +126,32 @@ def test_whole_run_matches_torch(ort_pipe, tiny_pipe):
     assert rel(got.images, want.images) < 1e-5
 
 
-def test_ratio_without_bucket_runs_on_the_next_larger_and_says_so(ort_pipe, tiny_pipe):
-    # 0.2 has no bucket: served by 0.3 (5 tokens), so it matches torch at 0.3
-    got = _run(ort_pipe, StitchConfig(mask_ratios=(0.2,), thresholds=(float("inf"), 0.0)))
-    want = _run(tiny_pipe, StitchConfig(mask_ratios=(0.3,), thresholds=(float("inf"), 0.0)))
+def test_a_ratio_of_no_bucket_runs_exactly(ort_pipe, tiny_pipe):
+    # 0.2 is no export bucket: ONNX Runtime still runs exactly 4 tokens, as torch does
+    cfg = StitchConfig(mask_ratios=(0.2,), thresholds=(float("inf"), 0.0))
+    got, want = _run(ort_pipe, cfg), _run(tiny_pipe, cfg)
     masked = [s for s in got.trace.steps if s.stage_kind == "masked"]
-    assert masked and all(s.mask_ratio == 0.2 and s.bucket_ratio == 0.3 and s.masked_tokens == 5 for s in masked)
+    assert masked and all(s.mask_ratio == 0.2 and s.bucket_ratio == 0.2 and s.masked_tokens == 4 for s in masked)
+    assert rel(got.images, want.images) < 1e-5
+
+
+def test_engines_serve_any_batch(ort_pipe, tiny_pipe):
+    """The graphs' batch is symbolic: two images per prompt (batch 4 with CFG) run on the same engines."""
+    got, want = _run(ort_pipe, "hybridstitch-30", num_images_per_prompt=2), _run(tiny_pipe, "hybridstitch-30",
+                                                                                  num_images_per_prompt=2)
+    assert got.images.shape[0] == 2 and got.trace.switch_steps == want.trace.switch_steps
     assert rel(got.images, want.images) < 1e-5
 
 
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(num_images_per_prompt=2), "built for batch 2"),
         (dict(height=128, width=128), "built for 64x64"),
-        (dict(config=StitchConfig(mask_ratios=(0.5,), thresholds=(0.5, 0.3))), "no bucket"),
     ],
 )
 def test_requests_the_engines_cannot_serve_fail_before_any_work(ort_pipe, monkeypatch, kw, match):
     calls = []
-    for g in [ort_pipe.large.graph, ort_pipe.small.graph, *ort_pipe.large.masked.values()]:
+    for g in [ort_pipe.large.graph, ort_pipe.small.graph]:
         monkeypatch.setattr(g, "run", lambda *a, **k: calls.append(1))
     config = kw.pop("config", "hybridstitch-30")
     with pytest.raises(HybridStitchError, match=match):
@@ -178,7 +178,7 @@ def _edit_manifest(folder, fn):
 
 
 def _truncate(folder):
-    with open(os.path.join(folder, "large_masked_30.onnx"), "r+b") as f:
+    with open(os.path.join(folder, "large.onnx"), "r+b") as f:
         f.truncate(2000)
 
 
@@ -194,7 +194,7 @@ def _corrupt(folder):
 @pytest.mark.parametrize(
     "damage,match",
     [
-        (_truncate, r"large_masked_30.onnx is \d+ bytes.*truncated"),
+        (_truncate, r"large.onnx is \d+ bytes.*truncated"),
         (_corrupt, "large.onnx is corrupted"),
         (lambda d: _edit_manifest(d, lambda m: m.update(format_version=99)), "format version 99"),
         (lambda d: _edit_manifest(d, lambda m: m.update(format="other")), "not a hybridstitch engine manifest"),

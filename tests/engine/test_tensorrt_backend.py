@@ -29,6 +29,8 @@ from tests.engine.parity import assert_caches_match, assert_masked_parity, input
 from tests.engine.test_onnxruntime_backend import _run, snapshot, torch_pair  # noqa: F401
 from tests.tensorrt_fakes import A100, ADA, TRT_VERSION, FakeRuntime, FakeToolchain
 
+ADA_TARGET = "sm89-nvidia-rtx-6000-ada-generation"
+
 
 def make_tensorrt_folder(ort_folder: str, dst: str, tiny_dirs, toolchain=None, **options) -> dict:
     """A copy of the ONNX Runtime export turned into a TensorRT export with fake engines
@@ -65,9 +67,20 @@ def test_denoisers_behind_the_interface(engines, torch_pair):
     assert isinstance(engines.large, MaskedDenoiser)
     assert engines.large.backend == engines.small.backend == "tensorrt"
     assert engines.large.spec == large.spec and engines.small.spec == small.spec
-    assert engines.build_id == f"sm89/trt{TRT_VERSION}/onnx-plugin"
+    assert engines.build_id == f"{ADA_TARGET}/trt{TRT_VERSION}/onnx-plugin"
     assert engines.build["plugin"]["ptx_target"] == "sm_89"
-    assert sorted(engines.large.masked) == [2, 5]
+
+
+def test_one_large_engine_with_a_profile_per_bucket_on_one_memory_block(engines):
+    """One large engine (one copy of the weights): a static profile per bucket k plus k = N for the
+    full step, one user-managed context each; every context of both engines shares one block."""
+    large, small = engines.large.engine, engines.small.engine
+    assert large.profile_sizes == [{"batch": 2, "k": 2}, {"batch": 2, "k": 5}, {"batch": 2, "k": 16}]
+    assert small.profile_sizes == [{"batch": 2}]
+    contexts = [p.context for p in [*large.profiles, *small.profiles]]
+    assert [c.profile for c in contexts] == [0, 1, 2, 0] and all(c.user_managed for c in contexts)
+    assert len({c.device_memory for c in contexts}) == 1  # one block ...
+    assert engines.memory.size == max(large.memory_need(), small.memory_need())  # ... sized to the largest
 
 
 def test_full_forwards_match_torch(engines, torch_pair):
@@ -95,23 +108,28 @@ def test_buffers_are_allocated_once_and_bound_by_address(engines, trt_folder):
     cache = large.new_cache(2, 8, 8)
     assert isinstance(cache, TrtKVCache) and len(cache.current) == 8  # 4 slots x K, V
     sets_before = [{n: v.data_ptr() for n, v in s.items()} for s in cache.sets]
-    buffers_before = {n: v.data_ptr() for n, v in large.graph.buffers.items()}
+    full_profile, masked_profile = large.engine.profiles[2], large.engine.profiles[0]  # k = N, k = 2
     with pytest.raises(RuntimeError, match="full forward"):
         large.forward_masked(x, pe, pooled, t, torch.arange(2).repeat(2, 1), cache)
+    read = cache.index
     large.forward(x, pe, pooled, t, cache=cache)
-    context = large.graph.context
-    assert context.addresses["latents"] == large.graph.buffers["latents"].data_ptr()
-    assert context.addresses["cache_k.0.attn"] == cache.current["cache_k.0.attn"].data_ptr()  # written in place
+    full_buffers = {n: v.data_ptr() for buffers in full_profile.buffers.values() for n, v in buffers.items()}
+    context = full_profile.context
+    assert context.shapes["index"] == (2, 16) and context.addresses["latents"] == full_buffers["latents"]
+    assert context.addresses["cache_k.0.attn"] == cache.sets[read]["cache_k.0.attn"].data_ptr()
+    assert context.addresses["new_cache_k.0.attn"] == cache.current["cache_k.0.attn"].data_ptr()  # then swapped
     before = cache.to_torch()
     idx = torch.tensor([[0, 3], [5, 9]])
     first = cache.index
     large.forward_masked(x + 1.0, pe, pooled, t, idx, cache)
-    masked_context = large.masked[2].context
+    masked_context = masked_profile.context
+    assert masked_context.shapes["index"] == (2, 2)
     assert masked_context.addresses["cache_k.0.attn"] == cache.sets[first]["cache_k.0.attn"].data_ptr()
     assert masked_context.addresses["new_cache_k.0.attn"] == cache.sets[1 - first]["cache_k.0.attn"].data_ptr()
     assert cache.index == 1 - first  # swapped
     assert [{n: v.data_ptr() for n, v in s.items()} for s in cache.sets] == sets_before
-    assert {n: v.data_ptr() for n, v in large.graph.buffers.items()} == buffers_before
+    large.forward(x, pe, pooled, t, cache=cache)  # the full profile's buffers are made once
+    assert {n: v.data_ptr() for buffers in full_profile.buffers.values() for n, v in buffers.items()} == full_buffers
     assert large.new_cache(2, 8, 8).sets is cache.sets  # the next request reuses them
     after = {n: cache.sets[1 - first][n].clone() for n in before}
     keep = torch.ones(2, 16, dtype=torch.bool)
@@ -176,12 +194,12 @@ def test_attention_and_compiler_choice(trt_folder):
 def test_damaged_engine_is_refused(trt_folder, tmp_path):
     work = str(tmp_path / "eng")
     shutil.copytree(trt_folder, work)
-    record = read_manifest(work).tensorrt["builds"][f"sm89/trt{TRT_VERSION}/onnx-plugin"]["engines"]["large_masked_30"]
+    record = read_manifest(work).tensorrt["builds"][f"{ADA_TARGET}/trt{TRT_VERSION}/onnx-plugin"]["engines"]["large"]
     path = os.path.join(work, record["file"])
     with open(path, "r+b") as f:
         f.seek(100)
         f.write(b"\0\0\0\0")
-    with pytest.raises(HybridStitchError, match="large_masked_30 engine .* corrupted"):
+    with pytest.raises(HybridStitchError, match="large engine .* corrupted"):
         load(work)
     os.unlink(path)
     with pytest.raises(HybridStitchError, match="missing. Rerun hybridstitch-export"):
@@ -262,4 +280,4 @@ def test_real_engines_match_torch_on_gpu(tiny_dirs, tmp_path, cuda_graphs):
         idx = select_mask(torch.rand(2, 16, device="cuda"), 5)
         assert rel(es.large.forward_masked(x, pe, pooled, t, idx, cache), large.forward_masked(x, pe, pooled, t, idx, ref)) < 2e-2
     if cuda_graphs:
-        assert es.large.graph._graphs or es.notes  # captured, or the fallback said why
+        assert any(p.graphs for p in es.large.engine.profiles) or es.notes  # captured, or the fallback said why

@@ -29,6 +29,7 @@ from hybridstitch.engine.builds import (
     check_engine_file,
     ptx_target,
     select_build,
+    timing_cache_path,
     why_build_cannot_run,
 )
 from hybridstitch.export import ExportRequest, export_engines, read_manifest
@@ -41,6 +42,9 @@ from hybridstitch.export.torch_tensorrt_build import compile_settings
 from hybridstitch.loading import load_transformer
 from hybridstitch.plugins import OP_DOMAIN, OP_NAME
 from tests.tensorrt_fakes import A100, ADA, H100, TRT_VERSION, FakeToolchain
+
+ADA_TARGET = "sm89-nvidia-rtx-6000-ada-generation"
+H200 = DeviceInfo("NVIDIA H200", (9, 0), TRT_VERSION)
 
 BASE = dict(height=64, width=64, batch=2, buckets=(0.3,), text_tokens=7)
 
@@ -91,9 +95,14 @@ def test_bad_options_say_what_to_choose(kw, match):
         TensorRTOptions(**kw)
 
 
-def test_engines_are_named_per_gpu_and_tensorrt_version():
-    assert build_id(ADA, TensorRTOptions()) == f"sm89/trt{TRT_VERSION}/onnx-plugin"
-    assert build_id(ADA, TensorRTOptions(attention="standard")) == f"sm89/trt{TRT_VERSION}/onnx-standard"
+def test_engines_are_named_per_gpu_model_and_tensorrt_version():
+    assert build_id(ADA, TensorRTOptions()) == f"{ADA_TARGET}/trt{TRT_VERSION}/onnx-plugin"
+    assert build_id(ADA, TensorRTOptions(attention="standard")) == f"{ADA_TARGET}/trt{TRT_VERSION}/onnx-standard"
+    # GPUs of one compute capability do not share engines or timing caches
+    assert build_id(H100, TensorRTOptions()) == f"sm90-nvidia-h100-80gb-hbm3/trt{TRT_VERSION}/onnx-plugin"
+    assert build_id(H200, TensorRTOptions()) == f"sm90-nvidia-h200/trt{TRT_VERSION}/onnx-plugin"
+    assert timing_cache_path(H100) != timing_cache_path(H200)
+    assert timing_cache_path(H200) == f"tensorrt/timing/sm90-nvidia-h200/trt{TRT_VERSION}/timing.cache"
     assert build_id(A100, TensorRTOptions(hardware_compatibility="same_compute_capability")).startswith("sm80-samecc/")
     assert build_id(H100, TensorRTOptions(compiler="torch-tensorrt", hardware_compatibility="ampere_plus")) == (
         f"ampere_plus/trt{TRT_VERSION}/torch-tensorrt-plugin")
@@ -117,7 +126,9 @@ TURING = DeviceInfo("Tesla T4", (7, 5), TRT_VERSION)
     "build,device,match",
     [
         (_build(), ADA, None),
-        (_build(), DeviceInfo("NVIDIA L40S", (8, 9), TRT_VERSION), None),  # another Ada: same compute capability
+        # another Ada of the same compute capability: engines are tied to the GPU model that built them
+        (_build(), DeviceInfo("NVIDIA L40S", (8, 9), TRT_VERSION), "tied to the GPU model"),
+        (_build(hardware_compatibility="same_compute_capability"), DeviceInfo("NVIDIA L40S", (8, 9), TRT_VERSION), None),
         (_build(), A100, "compute capability 8.0"),
         (_build(), DeviceInfo(ADA.name, (8, 9), "10.8.0.43"), "TensorRT 10.8.0.43"),
         (_build(hardware_compatibility="same_compute_capability"), H100, "same compute capability"),
@@ -150,7 +161,7 @@ def test_select_build_prefers_the_onnx_plugin_build_and_refuses_with_the_command
         "sm89/x/torch-tensorrt-plugin": _build(compiler="torch-tensorrt"),
         "sm89/x/onnx-standard": _build(attention="standard", plugin=None),
         "sm89/x/onnx-plugin": _build(),
-        "sm80/x/onnx-plugin": _build(compute_capability=[8, 0], plugin=dict(id="p", ptx_target="sm_80")),
+        "sm80/x/onnx-plugin": _build(compute_capability=[8, 0], gpu=A100.name, plugin=dict(id="p", ptx_target="sm_80")),
     }
     assert select_build(_manifest(builds), ADA, "/e")[0] == "sm89/x/onnx-plugin"
     assert select_build(_manifest(builds), ADA, "/e", attention="standard")[0] == "sm89/x/onnx-standard"
@@ -278,7 +289,7 @@ def test_cli_tensorrt_flags(tiny_dirs, tmp_path, capsys):
 
 def test_prepared_graphs_for_the_plugin_and_for_standard_attention(tiny_engines, tmp_path):
     folder, _ = tiny_engines
-    src = os.path.join(folder, "large_masked_30.onnx")
+    src = os.path.join(folder, "large.onnx")
     plugin = onnx.load(TensorRTOnnxFromOnnx(src, str(tmp_path / "p.onnx"), "plugin")())
     ours = [n for n in plugin.graph.node if (n.domain, n.op_type) == (OP_DOMAIN, OP_NAME)]
     assert len(ours) == 4 and not plugin.functions  # one per slot; the parser reaches the plugin
@@ -299,8 +310,9 @@ def test_prepared_graphs_for_the_plugin_and_for_standard_attention(tiny_engines,
     rng = np.random.default_rng(0)
     feeds = {}
     for i in a.get_inputs():
+        shape = [{"batch": 2, "k": 5}.get(d, d) for d in i.shape]
         feeds[i.name] = (np.stack([np.sort(rng.permutation(16)[:5]) for _ in range(2)]) if i.name == "index"
-                         else rng.standard_normal(i.shape).astype(np.float32))
+                         else rng.standard_normal(shape).astype(np.float32))
     for x, y in zip(a.run(None, feeds), b.run(None, feeds)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
@@ -325,7 +337,7 @@ def test_tensorrt_export_writes_engines_and_manifest(fp16_export):
     assert manifest.backend["name"] == "tensorrt" and manifest.precision == "fp16" and manifest.fp32_blocks == [1]
     m = read_manifest(out)
     assert m.to_dict() == manifest.to_dict() and m.complete
-    bid = f"sm89/trt{TRT_VERSION}/onnx-plugin"
+    bid = f"{ADA_TARGET}/trt{TRT_VERSION}/onnx-plugin"
     assert list(m.tensorrt["builds"]) == [bid]
     build = m.tensorrt["builds"][bid]
     assert build["complete"] and build["dir"] == f"tensorrt/{bid}" and build["gpu"] == ADA.name
@@ -333,24 +345,29 @@ def test_tensorrt_export_writes_engines_and_manifest(fp16_export):
     assert build["builder_optimization_level"] == 4 and build["hardware_compatibility"] == "none"
     assert build["strongly_typed"] and build["precision"] == "fp16" and build["fp32_blocks"] == [1]
     assert build["plugin"] == {"id": "hybridstitch::CachedKVAttention", "implementation": "aot", "ptx_target": "sm_89"}
-    assert build["python_plugins"] == [] and build["timing_cache"] == f"tensorrt/sm89/trt{TRT_VERSION}/timing.cache"
-    assert sorted(build["engines"]) == ["large", "large_masked_30", "small"]
+    assert build["python_plugins"] == [] and build["timing_cache"] == timing_cache_path(ADA)
+    assert sorted(build["engines"]) == ["large", "small"]  # one large engine: one copy of the weights
     for name, record in build["engines"].items():
         assert record["file"] == f"tensorrt/{bid}/{name}.plan" and check_engine_file(out, record) is None
         assert record["io_names"] == {t.name: t.name for t in [*m.graphs[name].inputs, *m.graphs[name].outputs]}
         assert m.tensorrt["verified"][name]["result"].startswith("onnxruntime (CPUExecutionProvider) vs torch")
     assert toolchain.plugin_targets == ["sm_89"]
     built = {b["file"]: b for b in toolchain.built}
-    assert sorted(built) == [".tmp-trt-large.plugin.onnx", ".tmp-trt-large_masked_30.plugin.onnx", ".tmp-trt-small.plugin.onnx"]
-    assert built[".tmp-trt-large_masked_30.plugin.onnx"]["plugin"] and built[".tmp-trt-large_masked_30.plugin.onnx"]["custom_nodes"] == 4
+    assert sorted(built) == [".tmp-trt-large.plugin.onnx", ".tmp-trt-small.plugin.onnx"]
+    assert built[".tmp-trt-large.plugin.onnx"]["plugin"] and built[".tmp-trt-large.plugin.onnx"]["custom_nodes"] == 4
     assert not built[".tmp-trt-small.plugin.onnx"]["plugin"]  # no attention node: no aliased-I/O preview feature
+    # a static profile per bucket (k = ceil(0.3 * 16) = 5) and k = N = 16 for the full step, at the export batch
+    assert build["engines"]["large"]["profiles"] == [{"batch": 2, "k": 5}, {"batch": 2, "k": 16}]
+    assert build["engines"]["small"]["profiles"] == [{"batch": 2}]
+    index_shapes = [p["index"] for p in built[".tmp-trt-large.plugin.onnx"]["profiles"]]
+    assert index_shapes == [([2, 5], [2, 5], [2, 5]), ([2, 16], [2, 16], [2, 16])]
     assert all(b["timing_cache"] == os.path.join(out, build["timing_cache"]) for b in built.values())
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # prepared graphs removed
 
 
 def test_fp32_block_is_float32_inside_the_fp16_graph(fp16_export):
     out, _, _ = fp16_export
-    model = onnx.load(os.path.join(out, "large_masked_30.onnx"))
+    model = onnx.load(os.path.join(out, "large.onnx"))
     types = {i.name: i.data_type for i in model.graph.initializer}
     block1 = {t for n, t in types.items() if "transformer_blocks.1." in n}
     block0 = {t for n, t in types.items() if "transformer_blocks.0." in n}
@@ -380,15 +397,15 @@ def test_standard_attention_builds_beside_and_shares_the_full_engines(fp16_expor
     m = export_trt(tiny_dirs, work, toolchain, precision="fp16", fp32_blocks=(1,),
                    tensorrt=TensorRTOptions(builder_optimization_level=4, attention="standard"))
     assert [(b["file"], b["plugin"], b["custom_nodes"], b["functions"]) for b in toolchain.built] == [
-        (".tmp-trt-large_masked_30.standard.onnx", False, 0, 0)]  # inlined; the full graphs are shared
+        (".tmp-trt-large.standard.onnx", False, 0, 0)]  # inlined; the small engine is shared
     builds = m.tensorrt["builds"]
-    assert sorted(builds) == [f"sm89/trt{TRT_VERSION}/onnx-plugin", f"sm89/trt{TRT_VERSION}/onnx-standard"]
-    plugin, standard = builds[f"sm89/trt{TRT_VERSION}/onnx-plugin"], builds[f"sm89/trt{TRT_VERSION}/onnx-standard"]
+    bids = [f"{ADA_TARGET}/trt{TRT_VERSION}/onnx-plugin", f"{ADA_TARGET}/trt{TRT_VERSION}/onnx-standard"]
+    assert sorted(builds) == bids
+    plugin, standard = builds[bids[0]], builds[bids[1]]
     assert standard["plugin"] is None and toolchain.plugin_targets == []
-    for name in ("small", "large"):
-        assert standard["engines"][name]["sha256"] == plugin["engines"][name]["sha256"]
-        assert os.path.samefile(work / plugin["engines"][name]["file"], work / standard["engines"][name]["file"])
-    assert standard["engines"]["large_masked_30"]["key"] != plugin["engines"]["large_masked_30"]["key"]
+    assert standard["engines"]["small"]["sha256"] == plugin["engines"]["small"]["sha256"]
+    assert os.path.samefile(work / plugin["engines"]["small"]["file"], work / standard["engines"]["small"]["file"])
+    assert standard["engines"]["large"]["key"] != plugin["engines"]["large"]["key"]
 
 
 def test_another_gpu_gets_its_own_build_and_a_damaged_engine_is_rebuilt_alone(fp16_export, tiny_dirs, tmp_path):
@@ -398,16 +415,18 @@ def test_another_gpu_gets_its_own_build_and_a_damaged_engine_is_rebuilt_alone(fp
     a100 = FakeToolchain(A100)
     m = export_trt(tiny_dirs, work, a100, precision="fp16", fp32_blocks=(1,),
                    tensorrt=TensorRTOptions(builder_optimization_level=4))
-    assert len(a100.built) == 3 and a100.plugin_targets == ["sm_80"]
-    assert sorted(m.tensorrt["builds"]) == [f"sm80/trt{TRT_VERSION}/onnx-plugin", f"sm89/trt{TRT_VERSION}/onnx-plugin"]
-    assert os.path.isfile(work / f"tensorrt/sm80/trt{TRT_VERSION}/timing.cache")
-    record = m.tensorrt["builds"][f"sm89/trt{TRT_VERSION}/onnx-plugin"]["engines"]["large"]
+    a100_bid = f"sm80-nvidia-a100-sxm4-80gb/trt{TRT_VERSION}/onnx-plugin"
+    ada_bid = f"{ADA_TARGET}/trt{TRT_VERSION}/onnx-plugin"
+    assert len(a100.built) == 2 and a100.plugin_targets == ["sm_80"]
+    assert sorted(m.tensorrt["builds"]) == [a100_bid, ada_bid]
+    assert os.path.isfile(work / timing_cache_path(A100))
+    record = m.tensorrt["builds"][ada_bid]["engines"]["large"]
     with open(work / record["file"], "ab") as f:
         f.write(b"junk")
     ada = FakeToolchain(ADA)
     export_trt(tiny_dirs, work, ada, precision="fp16", fp32_blocks=(1,), tensorrt=TensorRTOptions(builder_optimization_level=4))
     assert [b["file"] for b in ada.built] == [".tmp-trt-large.plugin.onnx"]
-    assert check_engine_file(str(work), read_manifest(str(work)).tensorrt["builds"][f"sm89/trt{TRT_VERSION}/onnx-plugin"]["engines"]["large"]) is None
+    assert check_engine_file(str(work), read_manifest(str(work)).tensorrt["builds"][ada_bid]["engines"]["large"]) is None
 
 
 def test_changed_builder_options_rebuild(fp16_export, tiny_dirs, tmp_path):
@@ -416,8 +435,8 @@ def test_changed_builder_options_rebuild(fp16_export, tiny_dirs, tmp_path):
     shutil.copytree(out, work)
     toolchain = FakeToolchain(ADA)
     export_trt(tiny_dirs, work, toolchain, precision="fp16", fp32_blocks=(1,), tensorrt=TensorRTOptions(builder_optimization_level=5))
-    assert len(toolchain.built) == 3
-    build = read_manifest(str(work)).tensorrt["builds"][f"sm89/trt{TRT_VERSION}/onnx-plugin"]
+    assert len(toolchain.built) == 2
+    build = read_manifest(str(work)).tensorrt["builds"][f"{ADA_TARGET}/trt{TRT_VERSION}/onnx-plugin"]
     assert build["builder_optimization_level"] == 5
 
 
@@ -427,10 +446,10 @@ def test_bf16_graphs_for_tensorrt(tiny_dirs, tmp_path):
     toolchain = FakeToolchain(H100)
     m = export_trt(tiny_dirs, tmp_path / "bf16", toolchain, precision="bf16", opset=22,
                    tensorrt=TensorRTOptions(verify="onnxruntime"))
-    assert {t.dtype for t in m.graphs["large"].inputs} == {"bfloat16", "float"}  # timestep stays float32
-    for name in ("small", "large", "large_masked_30"):
+    assert {t.dtype for t in m.graphs["large"].inputs} == {"bfloat16", "float", "int64"}  # timestep stays float32
+    for name in ("small", "large"):
         assert m.tensorrt["verified"][name]["result"].startswith("onnx checker with full shape inference (bf16")
-    build = m.tensorrt["builds"][f"sm90/trt{TRT_VERSION}/onnx-plugin"]
+    build = m.tensorrt["builds"][f"sm90-nvidia-h100-80gb-hbm3/trt{TRT_VERSION}/onnx-plugin"]
     assert build["precision"] == "bf16" and build["plugin"]["ptx_target"] == "sm_90"
 
 
