@@ -119,7 +119,7 @@ def _add_calibrate(sub) -> None:
 def _calibrate(args) -> int:
     from .testbed import calibrate
 
-    calibrate.run(args)
+    calibrate.run(calibrate.settings_from_args(args))
     return 0
 
 
