@@ -21,7 +21,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -228,7 +228,7 @@ def markdown(report: dict) -> str:
     lat = report["per_call_seconds"]
     masked = ", ".join(f"{r}: {t * 1e3:.1f} ms" for r, t in lat["large_masked"].items())
     lines = [
-        f"# Quality vs latency on the testbed\n",
+        "# Quality vs latency on the testbed\n",
         f"{report['date']}, {report['machine']}. {len(s['seeds'])} seed(s) x {s['samples_per_seed']} samples per row "
         f"(digits 0-9 equally, the same noise for every method of a seed), {s['steps']} steps, guidance "
         f"{s['guidance_scale']}, {s['batch_size']} prompts per call. FD vs {report['fd_reference']}; distance to large: "
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> QualitySettings:
     """The parsed command line as typed settings (the only place that reads the ``Namespace``)."""
-    return QualitySettings(**{f: getattr(args, f) for f in QualitySettings.__dataclass_fields__})
+    return QualitySettings(**{f.name: getattr(args, f.name) for f in fields(QualitySettings)})
 
 
 def main(argv=None) -> int:

@@ -57,9 +57,11 @@ class WorkloadSettings:
     def cfg_batch(self) -> int:
         return 2 if self.guidance_scale > 1 else 1
 
-    def buckets(self) -> list[float]:
-        """The mask-ratio buckets the methods use (engines are exported for these; 0.3 when none do)."""
-        return sorted({ratio_key(r) for m in self.methods for r in StitchConfig.preset(m).mask_ratios}) or [0.3]
+
+
+def engine_buckets(methods) -> list[float]:
+    """The mask-ratio buckets ``methods`` use (engines are exported for these; 0.3 when none do)."""
+    return sorted({ratio_key(r) for m in methods for r in StitchConfig.preset(m).mask_ratios}) or [0.3]
 
 
 def check_compile() -> None:
@@ -95,8 +97,9 @@ def compiled_denoiser(model, name: str):
 
 
 def engine_pipeline(backend: str, large_dir: str, small_dir: str, engine_dir: str, settings: WorkloadSettings, *,
-                    height: int, width: int, text_tokens: int | None, vae_scale_factor: int | None = None):
-    """Export (or reuse) ``backend`` engines of a pair into ``engine_dir`` and load them as a pipeline.
+                    methods, height: int, width: int, text_tokens: int | None, vae_scale_factor: int | None = None):
+    """Export (or reuse) ``backend`` engines of a pair into ``engine_dir`` for the buckets of
+    ``methods`` and load them as a pipeline.
 
     The folder is the benchmark's own cache: engines of another configuration in it are rebuilt
     (``overwrite``), matching ones reused. A refusal of the export or of the loader (TensorRT
@@ -113,7 +116,7 @@ def engine_pipeline(backend: str, large_dir: str, small_dir: str, engine_dir: st
     precision = settings.tensorrt_precision if backend == "tensorrt" else "fp32"
     try:
         req = ExportRequest(large=large_dir, small=small_dir, height=height, width=width, batch=settings.cfg_batch,
-                            buckets=tuple(settings.buckets()), precision=precision, backend=backend,
+                            buckets=tuple(engine_buckets(methods)), precision=precision, backend=backend,
                             text_tokens=text_tokens, vae_scale_factor=vae_scale_factor, overwrite=True)
         export_engines(req, engine_dir, progress=False)
         if backend == "tensorrt":

@@ -174,9 +174,6 @@ def measure_workload(workload, backends, reps: int, compile_budget_s: float, pro
         res.warmup_seconds += t.warmup_seconds
         res.runs[name] = [RunRecord.from_trace(trace) for trace in t.results]
         res.traces[name] = list(t.results)
-    for res in results.values():
-        if res.status != "ok":
-            res.runs, res.traces = {}, {}
     return results
 
 

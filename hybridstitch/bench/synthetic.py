@@ -209,11 +209,15 @@ class SyntheticWorkload:
             side = self.shape["latent_side"]
             stem = f"synthetic-s{self.settings.scale:g}-seed{self.common.seed}"
             pipe = engine_pipeline(backend, large_dir, small_dir, engine_folder(self.common, stem, backend), self.common,
-                                   height=side, width=side, text_tokens=self.shape["text_tokens"], vae_scale_factor=1)
+                                   methods=self.methods, height=side, width=side, text_tokens=self.shape["text_tokens"], vae_scale_factor=1)
             large, small, device = pipe.large, pipe.small, pipe.device
         else:
             raise BackendUnavailable(f"unknown backend {backend!r}")
-        latents, cond = self.latents.to(device), type(self.cond)(self.cond.prompt_embeds.to(device), self.cond.pooled.to(device))
+        from hybridstitch.conditioning import Conditioning
+
+        # Engines may run on a GPU: inputs go where the denoisers are.
+        latents = self.latents.to(device)
+        cond = Conditioning(self.cond.prompt_embeds.to(device), self.cond.pooled.to(device))
 
         def run(config: StitchConfig, warmup: bool):
             stages = (self.warm_schedules if warmup else self.schedules)[config.name]

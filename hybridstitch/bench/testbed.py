@@ -118,7 +118,7 @@ class TestbedWorkload:
             stem = f"testbed-{self.height}px-b{self.common.cfg_batch}"
             pipe = engine_pipeline(
                 backend, self.large_dir, self.small_dir, engine_folder(self.common, stem, backend), self.common,
-                height=self.height, width=self.width, text_tokens=self.settings.text_tokens if self.text_inputs else None,
+                methods=self.methods, height=self.height, width=self.width, text_tokens=self.settings.text_tokens if self.text_inputs else None,
             )
         else:
             raise BackendUnavailable(f"unknown backend {backend!r}")

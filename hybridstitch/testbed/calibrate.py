@@ -31,7 +31,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -376,7 +376,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> CalibrationSettings:
     """The parsed command line as typed settings (the only place that reads the ``Namespace``)."""
-    return CalibrationSettings(**{f: getattr(args, f) for f in CalibrationSettings.__dataclass_fields__})
+    return CalibrationSettings(**{f.name: getattr(args, f.name) for f in fields(CalibrationSettings)})
 
 
 def run(settings: CalibrationSettings) -> dict:
