@@ -3,10 +3,10 @@
 Exports the engine set of a large/small pair (``hybridstitch-export``'s code path), loads it on
 ONNX Runtime (CPU provider) and the same checkpoints in torch, and times every graph on both:
 the full small, the full large (storing its KV cache) and one masked large per bucket. One
-thread for both runtimes, interleaved repetitions (each rep runs every graph on ORT then torch,
-the order alternating between reps), medians of per-rep ratios with min-max. For each bucket
-it also reports the masked graph's cost relative to the full large graph next to the ideal
-token fraction ``(k + T) / (N + T)``.
+thread for both runtimes, interleaved repetitions (each rep runs every graph on ORT and torch,
+every second rep in reverse order; :mod:`hybridstitch.bench.timer`), medians of per-rep ratios
+with min-max. For each bucket it also reports the masked graph's cost relative to the full
+large graph next to the ideal token fraction ``(k + T) / (N + T)``.
 
 Models, in order of preference:
 
@@ -22,17 +22,20 @@ Models, in order of preference:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 
 import torch
 
+from hybridstitch.bench.machine import describe_machine, machine_info
+from hybridstitch.bench.report import write_report
+from hybridstitch.bench.timer import InterleavedTimer, ratio_summary
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Read by argparse; a constant, not the module docstring, so ``python -OO`` (no docstrings) works.
+DESCRIPTION = "Per-call latency of each exported graph on ONNX Runtime vs torch eager, and each masked bucket's cost."
 
 # (layers, heads, latent side, text tokens) of the random pairs: large, then small
 SHAPES = {
@@ -111,7 +114,6 @@ def main(argv=None) -> dict:
     from hybridstitch.engine.onnxruntime_backend import load_engines
     from hybridstitch.engine.torch_backend import TorchDenoiser
     from hybridstitch.export import ExportRequest, export_engines
-    from hybridstitch.fileio import atomic_write_text
 
     out = args.out or os.path.join(REPO, "benchmarks", "results", "engines_tiny" if args.tiny else "engines")
     with tempfile.TemporaryDirectory(prefix="hybridstitch-bench-") as tmp:
@@ -161,48 +163,42 @@ def main(argv=None) -> dict:
         for name, idx in index.items():
             runs[name] = (lambda idx=idx: engines.large.forward_masked(x, pe, pooled, ts_in, idx, ort_cache),
                           lambda idx=idx: tl.forward_masked(x_t, pe_t, pooled_t, ts_in, idx, torch_cache))
-        for ort_fn, torch_fn in runs.values():  # warm-up
-            ort_fn()
-            torch_fn()
-        times = {name: {"onnxruntime": [], "torch": []} for name in runs}
-        for rep in range(args.reps):  # interleaved; alternate which runtime goes first
-            for name, (ort_fn, torch_fn) in runs.items():
-                order = (("onnxruntime", ort_fn), ("torch", torch_fn))
-                for backend, fn in (order if rep % 2 == 0 else order[::-1]):
-                    t1 = time.perf_counter()
-                    fn()
-                    times[name][backend].append(time.perf_counter() - t1)
-
-    def ratio_stats(num, den):
-        r = [a / b for a, b in zip(num, den)]
-        return dict(median=statistics.median(r), min=min(r), max=max(r))
+        # Interleaved, every second round in reverse order so neither runtime always goes first.
+        # The full large graphs come before the masked ones, so the warm-up fills both caches.
+        timer = InterleavedTimer(reps=args.reps, warmup=1, alternate=True)
+        for name, (ort_fn, torch_fn) in runs.items():
+            timer.add((name, "onnxruntime"), ort_fn)
+            timer.add((name, "torch"), torch_fn)
+        timings = timer.run()
+        times = {name: {b: timings[(name, b)].seconds for b in ("onnxruntime", "torch")} for name in runs}
 
     graphs = []
     for name in runs:
         o, tt = times[name]["onnxruntime"], times[name]["torch"]
         graphs.append(dict(graph=name, ort_ms_median=1e3 * statistics.median(o), torch_ms_median=1e3 * statistics.median(tt),
-                           ort_over_torch=ratio_stats(o, tt)))
+                           ort_over_torch=ratio_summary(o, tt)))
     buckets = []
     for bucket in manifest.buckets:
         name, k = bucket.graph, bucket.masked_tokens
         buckets.append(dict(
             graph=name, ratio=bucket.ratio, masked_tokens=k, ideal_fraction=(k + t) / (n + t),
-            ort_cost=ratio_stats(times[name]["onnxruntime"], times["large"]["onnxruntime"]),
-            torch_cost=ratio_stats(times[name]["torch"], times["large"]["torch"]),
+            ort_cost=ratio_summary(times[name]["onnxruntime"], times["large"]["onnxruntime"]),
+            torch_cost=ratio_summary(times[name]["torch"], times["large"]["torch"]),
         ))
     import onnxruntime
 
+    info = machine_info(1)
     result = dict(
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        machine=f"{platform.machine()} CPU, 1 thread ({platform.processor() or 'unknown'})",
+        date=info["date"][:10],
+        machine=describe_machine(info),
         versions=dict(onnxruntime=onnxruntime.__version__, torch=torch.__version__),
         models=desc, precision=args.precision, batch=b, latent=[lh, lw], image_tokens=n, text_tokens=t,
         reps=args.reps, export_seconds=export_seconds, graphs=graphs, buckets=buckets,
     )
     md = [
         f"Engines on ONNX Runtime (CPU provider) vs torch eager: {desc}; {args.precision}, batch {b} (CFG included), "
-        f"latent {lh}x{lw} (N={n} image + T={t} text tokens); {result['machine']}, onnxruntime "
-        f"{onnxruntime.__version__}, torch {torch.__version__}, {result['date']}; median of {args.reps} interleaved reps "
+        f"latent {lh}x{lw} (N={n} image + T={t} text tokens); {result['machine']}, {result['date']}; "
+        f"median of {args.reps} interleaved reps "
         "(min-max).",
         "",
         "| graph | ORT / torch time | speed-up of ORT |",
@@ -222,8 +218,7 @@ def main(argv=None) -> dict:
                   f"{o['median']:.3f} ({o['min']:.3f}-{o['max']:.3f}) | {tc['median']:.3f} ({tc['min']:.3f}-{tc['max']:.3f}) |")
     text = "\n".join(md)
     print(text)
-    atomic_write_text(out + ".json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(out + ".md", text + "\n")
+    write_report(out, result, text)
     return result
 
 

@@ -14,17 +14,17 @@ forward with min-max, next to the ideal token fraction (k + T) / (N + T). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
-import time
-from datetime import datetime, timezone
 
 import torch
 
-# argparse reads this, not __doc__ (None under python -OO)
-DESCRIPTION = 'Masked large forward vs full forward on a CPU-sized SD3.5-Large-shaped transformer.'
+from hybridstitch.bench.machine import describe_machine, machine_info
+from hybridstitch.bench.report import write_report
+from hybridstitch.bench.timer import InterleavedTimer, ratio_summary
+
+# Read by argparse; a constant, not the module docstring, so ``python -OO`` (no docstrings) works.
+DESCRIPTION = "Masked large forward vs full forward on a CPU-sized SD3.5-Large-shaped transformer."
 
 
 def build(layers: int, heads: int, latent: int, text_tokens: int, seed: int = 0):
@@ -73,27 +73,24 @@ def main(argv=None) -> dict:
     def run_masked(r):
         den.forward_masked(x, enc, pooled, t, idx[r], cache)
 
-    runs = {"full": run_full, **{r: (lambda r=r: run_masked(r)) for r in args.ratios}}
-    for fn in runs.values():  # warm-up
-        fn()
-    times = {key: [] for key in runs}
-    for _ in range(args.reps):  # interleaved
-        for key, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
+    timer = InterleavedTimer(reps=args.reps, warmup=1)
+    timer.add("full", run_full)
+    for r in dict.fromkeys(args.ratios):
+        timer.add(r, lambda r=r: run_masked(r))
+    times = {key: t.seconds for key, t in timer.run().items()}
 
     rows = []
     for r in args.ratios:
         k = math.ceil(r * n)
-        ratios = [m / f for m, f in zip(times[r], times["full"])]
+        cost = ratio_summary(times[r], times["full"])
         rows.append(dict(
             ratio=r, masked_tokens=k, ideal_fraction=(k + args.text_tokens) / (n + args.text_tokens),
-            cost_median=statistics.median(ratios), cost_min=min(ratios), cost_max=max(ratios),
-            speedup_median=1.0 / statistics.median(ratios),
+            cost_median=cost["median"], cost_min=cost["min"], cost_max=cost["max"],
+            speedup_median=1.0 / cost["median"],
         ))
+    info = machine_info(1)
     result = dict(
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), machine=f"{platform.machine()} CPU, 1 thread ({platform.processor() or 'unknown'})",
+        date=info["date"][:10], machine=describe_machine(info),
         model=dict(layers=args.layers, heads=args.heads, width=args.heads * 64, image_tokens=n, text_tokens=args.text_tokens, batch=2),
         reps=args.reps, full_seconds_median=statistics.median(times["full"]), rows=rows,
     )
@@ -110,10 +107,7 @@ def main(argv=None) -> dict:
                   f"{row['cost_median']:.3f} ({row['cost_min']:.3f}-{row['cost_max']:.3f}) | {row['speedup_median']:.2f}x |")
     text = "\n".join(md)
     print(text)
-    from hybridstitch.fileio import atomic_write_text
-
-    atomic_write_text(args.out + ".json", json.dumps(result, indent=2))
-    atomic_write_text(args.out + ".md", text + "\n")
+    write_report(args.out, result, text)
     return result
 
 

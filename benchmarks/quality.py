@@ -21,19 +21,20 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
+from hybridstitch.bench.machine import describe_machine, machine_info
+from hybridstitch.bench.report import figure_png, pyplot, write_report
 from hybridstitch.config import PRESETS, StitchConfig
 from hybridstitch.errors import HybridStitchError
-from hybridstitch.fileio import atomic_write_bytes, atomic_write_text
 from hybridstitch.testbed.calibrate import (
     QualityReference,
     balanced_labels,
     initial_noise,
     load_testbed_pipeline,
-    machine_description,
     mean_stage_counts,
     mean_switch_steps,
     measure_call_latencies,
@@ -59,6 +60,32 @@ ROWS = (
     ("hybridstitch-30 (paper thresholds)", "hybridstitch-30", "1"),
 )
 DEFAULT_OUT = os.path.join("benchmarks", "results", "quality")
+# Read by argparse; a constant, not the module docstring, so ``python -OO`` (no docstrings) works.
+DESCRIPTION = "The shape of the paper's Tables 1-3 and Figure 7 on the trained testbed: quality vs latency."
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """One run of the quality benchmark (the command line, typed at the edge by :func:`settings_from_args`)."""
+
+    samples_per_seed: int = 250  # per seed and row, digits 0-9 equally
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    steps: int = 20
+    guidance_scale: float = 1.25
+    methods: str | None = None  # comma-separated row labels or presets (None: every row)
+    ablation_seeds: int | None = None  # Table 2-3 and paper-thresholds rows on the first N seeds (None: all)
+    batch_size: int = 125  # prompts per pipeline call (CFG doubles it)
+    threads: int = 1
+    latency_rounds: int = 5
+    out: str = DEFAULT_OUT  # output path without extension
+
+    def __post_init__(self) -> None:
+        if self.samples_per_seed < 2:
+            raise HybridStitchError("--samples-per-seed must be >= 2 (FD needs two samples)")
+        if not self.seeds:
+            raise HybridStitchError("--seeds must name at least one seed, e.g. --seeds 0")
+        if self.ablation_seeds is None:  # frozen: set through object.__setattr__ in __post_init__ only
+            object.__setattr__(self, "ablation_seeds", len(self.seeds))
 
 
 def resolve_methods(text: str | None) -> list[tuple[str, str, str]]:
@@ -104,20 +131,20 @@ def real_floors(ref: QualityReference, sizes, seeds) -> dict:
     return out
 
 
-def run(args) -> dict:
-    torch.set_num_threads(args.threads)
+def run(settings: QualitySettings) -> dict:
+    torch.set_num_threads(settings.threads)
     t_start = time.perf_counter()
-    rows = resolve_methods(args.methods)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    n = args.samples_per_seed
-    batch = min(args.batch_size, n)
+    rows = resolve_methods(settings.methods)
+    seeds = list(settings.seeds)
+    n = settings.samples_per_seed
+    batch = min(settings.batch_size, n)
     pipe = load_testbed_pipeline()
     ref = QualityReference()
     configs = {label: StitchConfig.preset(preset) for label, preset, _ in rows}
     ratios = sorted({r for c in configs.values() for r in c.mask_ratios})
-    lat = measure_call_latencies(pipe, batch, ratios, args.guidance_scale, rounds=args.latency_rounds)
-    print(f"quality: {len(rows)} rows x {len(seeds)} seeds x {n} samples, {args.steps} steps, guidance "
-          f"{args.guidance_scale}, batch {batch}, {args.threads} thread(s)\nper-call medians (s): {json.dumps(lat.to_dict())}",
+    lat = measure_call_latencies(pipe, batch, ratios, settings.guidance_scale, rounds=settings.latency_rounds)
+    print(f"quality: {len(rows)} rows x {len(seeds)} seeds x {n} samples, {settings.steps} steps, guidance "
+          f"{settings.guidance_scale}, batch {batch}, {settings.threads} thread(s)\nper-call medians (s): {json.dumps(lat.to_dict())}",
           flush=True)
     labels = balanced_labels(n)
     acc = {label: dict(per_seed=[], images=[], traces=[], wall=0.0, modelled=0.0) for label, _, _ in rows}
@@ -126,9 +153,9 @@ def run(args) -> dict:
         noise = initial_noise(n, seed)
         large_images = large_feats = None
         for label, preset, table in rows:  # every method of a seed in turn, so load drifts hit all alike
-            if k >= args.ablation_seeds and is_ablation(label, table):
+            if k >= settings.ablation_seeds and is_ablation(label, table):
                 continue
-            res = sample(pipe, configs[label], labels, noise, args.steps, args.guidance_scale, batch)
+            res = sample(pipe, configs[label], labels, noise, settings.steps, settings.guidance_scale, batch)
             if label == "large":
                 large_images, large_feats = res.images, ref.features(res.images)
             q = ref.evaluate(res.images, labels, large_images, large_feats)
@@ -141,10 +168,10 @@ def run(args) -> dict:
             print(f"  seed {seed} {label:<36} FD {q['fd']:7.1f} acc {q['accuracy']:.3f} dist {q['feature_distance']:5.2f} "
                   f"psnr {q['psnr']:5.1f} wall {res.wall_seconds:6.1f}s ({time.perf_counter() - t_start:.0f}s)", flush=True)
         # A report after every seed, so a run cut short still leaves its finished seeds.
-        report = summarize(args, rows, configs, acc, seeds[:k + 1], n, batch, lat, ref, t_start)
-        write(report, args.out)
+        report = summarize(settings, rows, configs, acc, seeds[:k + 1], n, batch, lat, ref, t_start)
+        write(report, settings.out)
     print("\n" + markdown(report))
-    print(f"wrote {args.out}.{{json,md,png}} in {report['seconds']:.0f} s")
+    print(f"wrote {settings.out}.{{json,md,png}} in {report['seconds']:.0f} s")
     return report
 
 
@@ -153,7 +180,7 @@ def is_ablation(label: str, table: str) -> bool:
     return table in ("2", "3") or "paper" in label
 
 
-def summarize(args, rows, configs, acc, seeds, n, batch, lat, ref, t_start) -> dict:
+def summarize(settings: QualitySettings, rows, configs, acc, seeds, n, batch, lat, ref, t_start) -> dict:
     from hybridstitch.testbed.quality import frechet_distance
 
     results = {}
@@ -183,9 +210,9 @@ def summarize(args, rows, configs, acc, seeds, n, batch, lat, ref, t_start) -> d
         )
     sizes = sorted({n} | {r["samples"] for r in results.values()})
     return dict(
-        date=datetime.date.today().isoformat(), machine=machine_description(args.threads), command=" ".join(sys.argv),
-        settings=dict(samples_per_seed=n, seeds=list(seeds), ablation_seeds=args.ablation_seeds, batch_size=batch,
-                      steps=args.steps, guidance_scale=args.guidance_scale),
+        date=datetime.date.today().isoformat(), machine=describe_machine(machine_info(settings.threads)), command=" ".join(sys.argv),
+        settings=dict(samples_per_seed=n, seeds=list(seeds), ablation_seeds=settings.ablation_seeds, batch_size=batch,
+                      steps=settings.steps, guidance_scale=settings.guidance_scale),
         fd_reference=f"all {ref.num_real} real digits (train + held-out), classifier features",
         per_call_seconds=lat.to_dict(), real_fd_floor=real_floors(ref, sizes, seeds), methods=results,
         seconds=time.perf_counter() - t_start,
@@ -193,10 +220,7 @@ def summarize(args, rows, configs, acc, seeds, n, batch, lat, ref, t_start) -> d
 
 
 def write(report: dict, out: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    atomic_write_text(out + ".json", json.dumps(report, indent=2))
-    atomic_write_text(out + ".md", markdown(report))
-    atomic_write_bytes(out + ".png", plot(report))
+    write_report(out, report, markdown(report), plot(report))
 
 
 def markdown(report: dict) -> str:
@@ -204,7 +228,7 @@ def markdown(report: dict) -> str:
     lat = report["per_call_seconds"]
     masked = ", ".join(f"{r}: {t * 1e3:.1f} ms" for r, t in lat["large_masked"].items())
     lines = [
-        f"# Quality vs latency on the testbed\n",
+        "# Quality vs latency on the testbed\n",
         f"{report['date']}, {report['machine']}. {len(s['seeds'])} seed(s) x {s['samples_per_seed']} samples per row "
         f"(digits 0-9 equally, the same noise for every method of a seed), {s['steps']} steps, guidance "
         f"{s['guidance_scale']}, {s['batch_size']} prompts per call. FD vs {report['fd_reference']}; distance to large: "
@@ -233,13 +257,7 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     table_colour = {"1": "tab:blue", "2": "tab:red", "3": "tab:green", "-": "tab:gray"}
     for ax, key, ylabel in ((axes[0], "fd_pooled", "FD (pooled) vs real digits"),
@@ -258,16 +276,20 @@ def plot(report: dict) -> bytes:
         axes[0].legend(fontsize=7)
     fig.suptitle("testbed: quality vs speed-up (blue: Table 1, red: Table 2, green: Table 3)", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=DESCRIPTION)
     p.add_argument("--samples-per-seed", type=int, default=250, help="samples per seed and row (digits 0-9 equally)")
-    p.add_argument("--seeds", default="0,1,2,3", help="comma-separated noise seeds")
+    p.add_argument("--seeds", type=_seeds, default=(0, 1, 2, 3), help="comma-separated noise seeds")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=1.25)
     p.add_argument("--methods", default=None, help="comma-separated row labels or presets (default: every row)")
@@ -280,15 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def settings_from_args(args: argparse.Namespace) -> QualitySettings:
+    """The parsed command line as typed settings (the only place that reads the ``Namespace``)."""
+    return QualitySettings(**{f.name: getattr(args, f.name) for f in fields(QualitySettings)})
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.ablation_seeds is None:
-        args.ablation_seeds = len(args.seeds.split(","))
-    if args.samples_per_seed < 2:
-        print("quality: --samples-per-seed must be >= 2 (FD needs two samples)", file=sys.stderr)
-        return 2
     try:
-        run(args)
+        run(settings_from_args(args))
     except HybridStitchError as e:
         print(f"quality: error: {e}", file=sys.stderr)
         return 2

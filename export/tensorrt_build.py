@@ -164,7 +164,7 @@ class TensorRTToolchain:
 
     def engine_io(self, data: bytes) -> list[EngineTensor]:
         """The I/O tensors of a serialized engine, in the engine's order (read as the runtime reads them)."""
-        from hybridstitch.engine.tensorrt_backend import TrtRuntime
+        from hybridstitch.engine.tensorrt_engine import TrtRuntime
 
         runtime = TrtRuntime()
         return runtime.io(runtime.deserialize(data, "the engine just built"))

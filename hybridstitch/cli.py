@@ -8,6 +8,9 @@ import sys
 
 from .errors import HybridStitchError
 
+# Read by argparse; a constant, not the module docstring, so ``python -OO`` (no docstrings) works.
+DESCRIPTION = "The hybridstitch command: generate, demo, calibrate, bench."
+
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate images with a large/small pair of local diffusers checkpoints")
@@ -92,16 +95,17 @@ def _demo(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    from . import bench
+    from .bench import latency
 
-    p = sub.add_parser("bench", help="latency benchmark of every method on every available backend")
-    bench.add_arguments(p)
+    p = sub.add_parser("bench", help="latency benchmark of every method on every available backend",
+                       description=latency.DESCRIPTION)
+    latency.add_arguments(p)
 
 
 def _bench(args) -> int:
-    from . import bench
+    from .bench import latency
 
-    bench.run(args)
+    latency.run(latency.settings_from_args(args))
     return 0
 
 
@@ -115,7 +119,7 @@ def _add_calibrate(sub) -> None:
 def _calibrate(args) -> int:
     from .testbed import calibrate
 
-    calibrate.run(args)
+    calibrate.run(calibrate.settings_from_args(args))
     return 0
 
 
@@ -129,7 +133,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hybridstitch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hybridstitch", description=DESCRIPTION)
     parser.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     sub = parser.add_subparsers(dest="command")
     for add, _ in COMMANDS.values():

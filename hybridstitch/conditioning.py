@@ -1,11 +1,12 @@
 """Prompt encoding and latent decoding: the parts the large and small models share.
 
 SD3.5 Large and SD3 Medium share their text encoders and VAE, so one conditioner (loaded from
-the large folder) serves both transformers. Two kinds exist:
-
-* :class:`SD3Conditioner`: a diffusers SD3 pipeline folder (CLIP-L, CLIP-G, T5, VAE), run by
-  diffusers' own ``StableDiffusion3Pipeline.encode_prompt`` and VAE decode.
-* :class:`TestbedConditioner`: the shipped testbed's learned prompt encoder and identity "VAE".
+the large folder) serves both transformers. A conditioner has ``encode(prompt, negative_prompt,
+do_cfg, device) -> Conditioning``, ``decode(latents) -> PIL images``, ``to(device)`` and
+``vae_scale_factor``. :class:`SD3Conditioner` runs a diffusers SD3 pipeline folder (CLIP-L,
+CLIP-G, T5, VAE) through diffusers' own ``StableDiffusion3Pipeline.encode_prompt`` and VAE decode;
+other kinds (the testbed's, :mod:`hybridstitch.testbed.conditioner`) live with their models and
+are found by :func:`hybridstitch.loading.load_conditioner`.
 """
 
 from __future__ import annotations
@@ -74,45 +75,6 @@ class SD3Conditioner:
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
         images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return to_pil(images)
-
-
-class TestbedConditioner:
-    """The shipped testbed's prompt encoder and identity VAE (pixel space stands in for latents)."""
-
-    kind = "testbed"
-    __test__ = False  # not a pytest class
-
-    def __init__(self, prompt_encoder, vae):
-        self.prompt_encoder = prompt_encoder.eval()
-        self.vae = vae
-        self.vae_scale_factor = 1
-
-    @classmethod
-    def from_pretrained(cls, folder: str, torch_dtype=None) -> "TestbedConditioner":
-        from hybridstitch.testbed.components import IdentityVAE, TestbedPromptEncoder
-
-        enc = TestbedPromptEncoder.from_pretrained(f"{folder}/prompt_encoder")
-        vae = IdentityVAE.from_pretrained(f"{folder}/vae")
-        if torch_dtype is not None:
-            enc = enc.to(torch_dtype)
-        return cls(enc, vae)
-
-    def to(self, device) -> "TestbedConditioner":
-        self.prompt_encoder.to(device)
-        return self
-
-    @torch.no_grad()
-    def encode(self, prompt: list[str], negative_prompt: list[str], do_cfg: bool, device) -> Conditioning:
-        pe, ppe = self.prompt_encoder.encode(prompt)
-        if do_cfg:
-            npe, nppe = self.prompt_encoder.encode(negative_prompt)
-            pe, ppe = torch.cat([npe, pe]), torch.cat([nppe, ppe])
-        return Conditioning(pe.to(device), ppe.to(device))
-
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        cfg = self.vae.config
-        latents = latents / cfg.scaling_factor + cfg.shift_factor
-        return to_pil(self.vae.decode(latents, return_dict=False)[0])
 
 
 def no_conditioner_error() -> HybridStitchError:

@@ -24,11 +24,6 @@ from .fileio import atomic_write_bytes, atomic_write_text
 DEMO_PROMPTS = ("a handwritten 0", "a handwritten 3", "a handwritten 5", "a handwritten 8")
 
 
-def testbed_dirs() -> tuple[str, str]:
-    root = os.path.join(os.path.dirname(__file__), "testbed", "weights")
-    return os.path.join(root, "large"), os.path.join(root, "small")
-
-
 @contextlib.contextmanager
 def _quiet_exporter():
     """The ONNX exporter logs a warning per missing torchvision op on every export; the demo has no
@@ -47,9 +42,9 @@ def _quiet_exporter():
 def testbed_image_size() -> int:
     """The testbed's training resolution (pixels = latents: its VAE is the identity)."""
     from .loading import read_json
+    from .testbed import LARGE_DIR
 
-    large, _ = testbed_dirs()
-    return int(read_json(os.path.join(large, "transformer", "config.json"))["sample_size"])
+    return int(read_json(os.path.join(LARGE_DIR, "transformer", "config.json"))["sample_size"])
 
 
 def _png(fig_or_image) -> bytes:
@@ -127,9 +122,10 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     from .pipeline import HybridStitchPipeline
+    from .testbed import LARGE_DIR as large_dir
+    from .testbed import SMALL_DIR as small_dir
 
     torch.set_num_threads(threads)
-    large_dir, small_dir = testbed_dirs()
     os.makedirs(out_dir, exist_ok=True)
     method = method or default_testbed_method()
     if backend == "onnxruntime":

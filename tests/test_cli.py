@@ -5,11 +5,11 @@ import json
 from PIL import Image
 
 from hybridstitch.cli import main
-from hybridstitch.demo import testbed_dirs as shipped_testbed
+from hybridstitch.testbed import LARGE_DIR, SMALL_DIR
 
 
 def test_generate_writes_image_and_trace(tmp_path, capsys):
-    large, small = shipped_testbed()
+    large, small = LARGE_DIR, SMALL_DIR
     img, trace = tmp_path / "digit.png", tmp_path / "trace.json"
     rc = main(["generate", "--large", large, "--small", small, "--method", "hybridstitch-30", "--prompt", "a handwritten 4",
                "--steps", "5", "--guidance-scale", "1.25", "--seed", "1", "--out", str(img), "--trace", str(trace),
@@ -22,7 +22,7 @@ def test_generate_writes_image_and_trace(tmp_path, capsys):
 
 
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
-    large, small = shipped_testbed()
+    large, small = LARGE_DIR, SMALL_DIR
     rc = main(["generate", "--large", large, "--small", small, "--method", "fastest", "--prompt", "a handwritten 4",
                "--out", str(tmp_path / "x.png")])
     assert rc == 2

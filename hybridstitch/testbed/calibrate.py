@@ -15,7 +15,8 @@ T-Stitch baselines) on one prompt set from one fixed noise, and reports for each
   machine, so the model is what configurations are ranked by.
 
 It writes JSON, Markdown and a scatter plot with the Pareto fronts (modelled latency vs FD,
-and vs distance to large), and the presets the selection rule picks (:func:`choose_presets`).
+and vs distance to large), and the presets the selection rule picks (:func:`choose_presets`);
+the rendering is in :mod:`hybridstitch.testbed.calibration_report`.
 
     hybridstitch calibrate --out benchmarks/results/calibration
 """
@@ -27,18 +28,19 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from hybridstitch.config import StitchConfig
 from hybridstitch.errors import HybridStitchError
-from hybridstitch.fileio import atomic_write_bytes, atomic_write_text
 from hybridstitch.latency_model import CallLatencies, predict_from_trace
+
+# Read by argparse; a constant, not the module docstring, so ``python -OO`` (no docstrings) works.
+DESCRIPTION = "hybridstitch calibrate: the testbed's own thresholds, from a sweep of latency and quality."
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4)
 # On the testbed (20 steps, guidance 1.25) d_i is ~0.15 at steps 1-2 and 0.015-0.035 after
@@ -58,10 +60,10 @@ DEFAULT_OUT = os.path.join("benchmarks", "results", "calibration")
 
 def load_testbed_pipeline():
     """The shipped testbed pair in a :class:`~hybridstitch.pipeline.HybridStitchPipeline` (torch, CPU)."""
-    from hybridstitch.demo import testbed_dirs
     from hybridstitch.pipeline import HybridStitchPipeline
+    from hybridstitch.testbed import LARGE_DIR as large
+    from hybridstitch.testbed import SMALL_DIR as small
 
-    large, small = testbed_dirs()
     if not os.path.isfile(os.path.join(large, "transformer", "config.json")):
         raise HybridStitchError(f"no testbed weights in {large}; train them with python -m hybridstitch.testbed.train")
     return HybridStitchPipeline.from_pretrained(large=large, small=small)
@@ -113,9 +115,11 @@ def measure_call_latencies(pipe, batch: int, ratios, guidance_scale: float = 1.2
     """Median seconds per model call at ``batch`` prompts (CFG doubles it), interleaved.
 
     Each round times one full large call, one small call and one masked large call per ratio,
-    in turn, so slow phases of a shared machine hit every kind alike. The masked calls read a
-    cache filled by a full large call, as in a run.
+    in turn (:class:`~hybridstitch.bench.timer.InterleavedTimer`), so slow phases of a shared
+    machine hit every kind alike. The masked calls read a cache filled by a full large call, as
+    in a run: the large call is added first, so its warm-up fills the cache before any masked one.
     """
+    from hybridstitch.bench.timer import InterleavedTimer
     from hybridstitch.testbed.data import prompt_for
 
     do_cfg = guidance_scale > 1.0
@@ -128,28 +132,18 @@ def measure_call_latencies(pipe, batch: int, ratios, guidance_scale: float = 1.2
     p = pipe.large.spec.patch_size
     num_tokens = (size // p) * (size // p)
     cache = pipe.large.new_cache(b, size, size)
-    pipe.large.forward(*args, cache=cache)  # warm-up, fills the cache
-    pipe.small.forward(*args)
     gen = torch.Generator().manual_seed(1)
-    indices = {}
-    for r in ratios:
+    timer = InterleavedTimer(reps=rounds, warmup=1)
+    timer.add("large", lambda: pipe.large.forward(*args, cache=cache))
+    timer.add("small", lambda: pipe.small.forward(*args))
+    for r in dict.fromkeys(ratios):  # each ratio once, in the order given
         k = pipe.large.bucket_for(r, num_tokens).masked_tokens
         idx = torch.stack([torch.randperm(num_tokens, generator=gen)[:k].sort().values for _ in range(batch)])  # [B, k]
-        indices[r] = torch.cat([idx, idx]) if do_cfg else idx
-    times: dict = {"large": [], "small": [], "masked": {r: [] for r in ratios}}
-
-    def timed(fn):
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    for _ in range(rounds):
-        times["large"].append(timed(lambda: pipe.large.forward(*args, cache=cache)))
-        times["small"].append(timed(lambda: pipe.small.forward(*args)))
-        for r in ratios:
-            times["masked"][r].append(timed(lambda: pipe.large.forward_masked(*args, index=indices[r], cache=cache)))
+        index = torch.cat([idx, idx]) if do_cfg else idx  # one mask for both CFG halves
+        timer.add(r, lambda index=index: pipe.large.forward_masked(*args, index=index, cache=cache))
+    t = timer.run()
     med = statistics.median
-    return CallLatencies(med(times["large"]), med(times["small"]), {r: med(v) for r, v in times["masked"].items()})
+    return CallLatencies(med(t["large"].seconds), med(t["small"].seconds), {r: med(t[r].seconds) for r in ratios})
 
 
 def modelled_seconds(traces, latencies: CallLatencies) -> float:
@@ -248,9 +242,20 @@ def pareto_front(points) -> list[int]:
     return sorted(idx, key=lambda i: points[i][0])
 
 
+# The selection rule in words, as the report prints it (a constant: docstrings are gone under -OO).
+SELECTION_RULE = (
+    "a configuration is acceptable when its prompt accuracy is at most ``max_accuracy_drop`` below "
+    "large-only's and its distance to large-only (paired classifier features) is at most "
+    "``max_distance_fraction`` of small-only's; per mask ratio the preset is the acceptable configuration "
+    "with the lowest modelled latency (ties: lower distance); with none acceptable, the one with the lowest "
+    "distance. SRDiffusion: the same rule over its thresholds. FD is reported but not ranked on: at a "
+    "sweep's sample size it moves by more than the differences between neighbouring configurations."
+)
+
+
 def rule_text() -> str:
-    """The selection rule in one paragraph (from :func:`choose_presets`' docstring)."""
-    return " ".join(choose_presets.__doc__.split("\n\n")[1].split()).removeprefix("Rule: ")
+    """The selection rule in one paragraph (:data:`SELECTION_RULE`)."""
+    return SELECTION_RULE
 
 
 def acceptable(row: dict, large: dict, small: dict, max_accuracy_drop: float, max_distance_fraction: float) -> bool:
@@ -263,13 +268,7 @@ def choose_presets(rows: list[dict], thresholds_2, max_accuracy_drop: float = 0.
                    max_distance_fraction: float = 0.5) -> dict[str, dict]:
     """The testbed presets from a sweep, the way the paper balanced quality and speed.
 
-    Rule: a configuration is acceptable when its prompt accuracy is at most
-    ``max_accuracy_drop`` below large-only's and its distance to large-only (paired classifier
-    features) is at most ``max_distance_fraction`` of small-only's; per mask ratio the preset is
-    the acceptable configuration with the lowest modelled latency (ties: lower distance); with
-    none acceptable, the one with the lowest distance. SRDiffusion: the same rule over its
-    thresholds. FD is reported but not ranked on: at a sweep's sample size it moves by more
-    than the differences between neighbouring configurations.
+    Rule: :data:`SELECTION_RULE` (the report prints it).
 
     Derived presets (the paper's ablations reuse its 30 % thresholds): ``testbed-30-static`` and
     ``testbed-30-fulllarge`` take testbed-30's; multi-mask ``r1-r2`` takes testbed-r1's
@@ -316,94 +315,37 @@ def choose_presets(rows: list[dict], thresholds_2, max_accuracy_drop: float = 0.
     return presets
 
 
-# -- output ----------------------------------------------------------------------------
-
-
-def machine_description(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {threads} torch thread(s), torch {torch.__version__}, {platform.system()} {platform.machine()}"
-
-
-def _fmt(x, spec=".3g"):
-    return "-" if x is None else format(x, spec)
-
-
-def markdown_table(rows: list[dict], presets: dict) -> str:
-    chosen = {kw["source"]: name for name, kw in presets.items() if not str(kw["source"]).startswith("testbed")}
-    lines = [
-        "| config | ratio | thresholds | switch steps | modelled ms/img | speed-up | wall s | FD | accuracy | dist. to large | PSNR dB | front | preset |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        thr = ", ".join(f"{t:g}" for t in r["thresholds"]) if r["method"] == "hybridstitch" else (
-            f"{r['srdiffusion_threshold']:g}" if r["method"] == "srdiffusion" else "-")
-        ratio = ", ".join(f"{x:g}" for x in r["mask_ratios"]) or "-"
-        front = ", ".join(s for s, k in (("F", "front_fd"), ("D", "front_distance")) if r.get(k))
-        lines.append(
-            f"| {r['name']} | {ratio} | {thr} | {', '.join(f'{s:.1f}' for s in r['mean_switch_steps']) or '-'} | "
-            f"{r['modelled_seconds_per_image'] * 1e3:.2f} | {r['modelled_speedup']:.2f}x | {r['wall_seconds']:.1f} | "
-            f"{r['fd']:.1f} | {r['accuracy'] * 100:.1f} % | {_fmt(r.get('feature_distance'), '.2f')} | "
-            f"{_fmt(r.get('psnr'), '.1f')} | {front or ''} | {chosen.get(r['name'], '')} |"
-        )
-    return "\n".join(lines)
-
-
-def scatter_png(rows: list[dict], presets: dict) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sources = {kw["source"] for kw in presets.values()}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"large": "k", "small": "tab:gray", "t-stitch": "tab:purple", "srdiffusion": "tab:orange", "hybridstitch": None}
-    ratio_colour = {0.1: "tab:blue", 0.2: "tab:green", 0.3: "tab:red", 0.4: "tab:brown"}
-    for ax, key, front_key, label in ((axes[0], "fd", "front_fd", "FD vs real digits"),
-                                      (axes[1], "feature_distance", "front_distance", "distance to large (features)")):
-        for r in rows:
-            c = colours.get(r["method"]) or ratio_colour.get(r["mask_ratios"][0], "tab:cyan")
-            ax.scatter(r["modelled_speedup"], r[key], color=c, s=40 if r["name"] in sources else 14,
-                       marker="*" if r["name"] in sources else "o", zorder=3)
-            if r["method"] in ("large", "small", "t-stitch") or r["name"] in sources:
-                ax.annotate(r["name"], (r["modelled_speedup"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        front = sorted((r for r in rows if r.get(front_key)), key=lambda r: r["modelled_speedup"])
-        ax.plot([r["modelled_speedup"] for r in front], [r[key] for r in front], "k--", lw=0.8, label="Pareto front")
-        ax.set_xlabel("modelled speed-up over large-only")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    for ratio, c in ratio_colour.items():
-        axes[0].scatter([], [], color=c, s=14, label=f"HybridStitch {ratio:.0%}")
-    for m in ("large", "small", "t-stitch", "srdiffusion"):
-        axes[0].scatter([], [], color=colours[m], s=14, label=m)
-    axes[0].legend(fontsize=6)
-    fig.suptitle("testbed calibration (stars: chosen presets)", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def presets_source(presets: dict) -> str:
-    """The chosen presets as Python dict entries, ready for ``PRESETS`` in config.py."""
-    lines = []
-    for name, kw in presets.items():
-        items = ", ".join(f"{k}={v!r}" for k, v in kw.items() if k != "source")
-        lines.append(f'    "{name}": dict({items}),')
-    return "\n".join(lines)
-
-
 # -- command ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """One calibration sweep (the command line, typed at the edge by :func:`settings_from_args`)."""
+
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    thresholds_1: tuple[float, ...] = DEFAULT_THRESHOLDS_1  # tau_1: leave the large stage
+    thresholds_2: tuple[float, ...] = DEFAULT_THRESHOLDS_2  # tau_2: leave the masked stage
+    srdiffusion: tuple[float, ...] = DEFAULT_SRDIFFUSION
+    samples: int = DEFAULT_SAMPLES  # per configuration, digits cycling 0-9
+    batch_size: int | None = None  # prompts per pipeline call (None: all samples)
+    steps: int = 20
+    guidance_scale: float = 1.25
+    seed: int = 0
+    threads: int = 1
+    latency_rounds: int = 5
+    max_accuracy_drop: float = 0.02
+    max_distance_fraction: float = 0.5
+    out: str = DEFAULT_OUT
+
+    def __post_init__(self) -> None:
+        if self.samples < 2:
+            raise HybridStitchError(f"--samples must be >= 2 (FD needs two samples), got {self.samples}")
+        if self.latency_rounds < 1:
+            raise HybridStitchError(f"--latency-rounds must be >= 1, got {self.latency_rounds}")
+
+    @property
+    def batch(self) -> int:
+        return self.batch_size or self.samples
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -432,27 +374,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (calibration.json, .md, .png)")
 
 
-def run(args) -> dict:
-    if args.samples < 2:
-        raise HybridStitchError(f"--samples must be >= 2 (FD needs two samples), got {args.samples}")
-    torch.set_num_threads(args.threads)
+def settings_from_args(args: argparse.Namespace) -> CalibrationSettings:
+    """The parsed command line as typed settings (the only place that reads the ``Namespace``)."""
+    return CalibrationSettings(**{f.name: getattr(args, f.name) for f in fields(CalibrationSettings)})
+
+
+def run(settings: CalibrationSettings) -> dict:
+    from hybridstitch.bench.machine import describe_machine, machine_info
+    from hybridstitch.bench.report import write_report
+
+    from .calibration_report import presets_source, render_markdown, scatter_png
+
+    s = settings
+    torch.set_num_threads(s.threads)
     t_start = time.perf_counter()
     pipe = load_testbed_pipeline()
     ref = QualityReference()
-    batch = args.batch_size or args.samples
-    labels = balanced_labels(args.samples)
-    noise = initial_noise(args.samples, args.seed)
-    ratios = tuple(args.ratios)
-    print(f"calibrate: {args.samples} samples, {args.steps} steps, guidance {args.guidance_scale}, batch {batch}, "
-          f"{args.threads} thread(s)", flush=True)
-    lat = measure_call_latencies(pipe, batch, ratios, args.guidance_scale, rounds=args.latency_rounds)
+    batch = s.batch
+    labels = balanced_labels(s.samples)
+    noise = initial_noise(s.samples, s.seed)
+    ratios = tuple(s.ratios)
+    print(f"calibrate: {s.samples} samples, {s.steps} steps, guidance {s.guidance_scale}, batch {batch}, "
+          f"{s.threads} thread(s)", flush=True)
+    lat = measure_call_latencies(pipe, batch, ratios, s.guidance_scale, rounds=s.latency_rounds)
     print("per-call medians (s): " + json.dumps(lat.to_dict()), flush=True)
-    configs = sweep_configs(ratios, args.thresholds_1, args.thresholds_2, args.srdiffusion)
+    configs = sweep_configs(ratios, s.thresholds_1, s.thresholds_2, s.srdiffusion)
     rows, large_images, large_feats = [], None, None
-    chunks = math.ceil(args.samples / batch)
-    large_modelled = lat.large * args.steps * chunks
+    chunks = math.ceil(s.samples / batch)
+    large_modelled = lat.large * s.steps * chunks
     for cfg in configs:
-        run_ = sample(pipe, cfg, labels, noise, args.steps, args.guidance_scale, batch)
+        run_ = sample(pipe, cfg, labels, noise, s.steps, s.guidance_scale, batch)
         if cfg.name == "large":
             large_images, large_feats = run_.images, ref.features(run_.images)
         q = ref.evaluate(run_.images, labels, large_images, large_feats)
@@ -461,7 +412,7 @@ def run(args) -> dict:
                    srdiffusion_threshold=cfg.srdiffusion_threshold, config=cfg.to_dict(),
                    mean_switch_steps=mean_switch_steps(run_.traces), stage_counts=mean_stage_counts(run_.traces),
                    mean_d=mean_differences(run_.traces),
-                   modelled_seconds=modelled, modelled_seconds_per_image=modelled / args.samples,
+                   modelled_seconds=modelled, modelled_seconds_per_image=modelled / s.samples,
                    modelled_speedup=large_modelled / modelled, wall_seconds=run_.wall_seconds, **q)
         rows.append(row)
         print(f"  {cfg.name:<24} switch {row['mean_switch_steps']} speed-up {row['modelled_speedup']:.2f}x "
@@ -470,45 +421,32 @@ def run(args) -> dict:
     for key, front_key in (("fd", "front_fd"), ("feature_distance", "front_distance")):
         for i in pareto_front([(r["modelled_seconds"], r[key]) for r in rows]):
             rows[i][front_key] = True
-    presets = choose_presets(rows, args.thresholds_2, args.max_accuracy_drop, args.max_distance_fraction)
+    presets = choose_presets(rows, s.thresholds_2, s.max_accuracy_drop, s.max_distance_fraction)
     command = "hybridstitch calibrate " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "calibrate" else " ".join(sys.argv)
     result = dict(
-        date=datetime.date.today().isoformat(), machine=machine_description(args.threads), command=command,
-        settings=dict(samples=args.samples, batch_size=batch, steps=args.steps, guidance_scale=args.guidance_scale,
-                      seed=args.seed, ratios=list(ratios), thresholds_1=list(args.thresholds_1),
-                      thresholds_2=list(args.thresholds_2), srdiffusion=list(args.srdiffusion)),
+        date=datetime.date.today().isoformat(), machine=describe_machine(machine_info(s.threads)), command=command,
+        settings=dict(samples=s.samples, batch_size=batch, steps=s.steps, guidance_scale=s.guidance_scale,
+                      seed=s.seed, ratios=list(ratios), thresholds_1=list(s.thresholds_1),
+                      thresholds_2=list(s.thresholds_2), srdiffusion=list(s.srdiffusion)),
         fd_reference=f"all {ref.num_real} real digits (train + held-out), classifier features",
         per_call_seconds=lat.to_dict(),
-        rule=dict(max_accuracy_drop=args.max_accuracy_drop, max_distance_fraction=args.max_distance_fraction,
+        rule=dict(max_accuracy_drop=s.max_accuracy_drop, max_distance_fraction=s.max_distance_fraction,
                   text=rule_text()),
         rows=rows, presets={k: {kk: (list(vv) if isinstance(vv, tuple) else vv) for kk, vv in v.items()} for k, v in presets.items()},
         seconds=time.perf_counter() - t_start,
     )
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, "calibration.json"), json.dumps(result, indent=2))
-    md = (f"# Testbed calibration\n\n{result['date']}, {result['machine']}\n\n`{command}`\n\n"
-          f"{args.samples} samples (digits 0-9 equally), {args.steps} steps, guidance {args.guidance_scale}, seed {args.seed}; "
-          f"FD vs {result['fd_reference']}; distance to large: mean L2 of paired classifier features vs large-only "
-          f"from the same noise. Latency: Eqs. 3-8 over per-call medians at batch {batch} "
-          f"(t_l {lat.large * 1e3:.1f} ms, t_s {lat.small * 1e3:.1f} ms, t_l(r) "
-          + ", ".join(f"{r:g}: {t * 1e3:.1f} ms" for r, t in sorted(lat.masked.items()))
-          + "). Front: F = on the (modelled latency, FD) Pareto front, D = on the (modelled latency, distance) front.\n\n"
-          + markdown_table(rows, presets)
-          + f"\n\n## Chosen presets\n\nRule: {result['rule']['text']} (accuracy drop <= {args.max_accuracy_drop:g}, "
-          f"distance <= {args.max_distance_fraction:g} x small-only's.)\n\n```python\n{presets_source(presets)}\n```\n\n"
-          f"Total {result['seconds']:.0f} s.\n")
-    atomic_write_text(os.path.join(args.out, "calibration.md"), md)
-    atomic_write_bytes(os.path.join(args.out, "calibration.png"), scatter_png(rows, presets))
+    write_report(os.path.join(s.out, "calibration"), result, render_markdown(result, presets), scatter_png(rows, presets))
     print("\nchosen presets:\n" + presets_source(presets))
-    print(f"wrote {args.out}/calibration.{{json,md,png}} in {result['seconds']:.0f} s")
+    print(f"wrote {s.out}/calibration.{{json,md,png}} in {result['seconds']:.0f} s")
     return result
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="hybridstitch calibrate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="hybridstitch calibrate", description=DESCRIPTION)
     add_arguments(parser)
+    args = parser.parse_args(argv)
     try:
-        run(parser.parse_args(argv))
+        run(settings_from_args(args))
     except HybridStitchError as e:
         print(f"hybridstitch calibrate: error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
@@ -152,6 +151,10 @@ class IdentityVAE(ModelMixin, ConfigMixin):
         images = latents.clamp(-1.0, 1.0)  # [B, C, H, W]
         if not return_dict:
             return (images,)
+        # Imported here, not at the top: diffusers' autoencoders package imports transformers,
+        # whose docstring processing fails under `python -OO`; the pipeline asks for the tuple.
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
         return DecoderOutput(sample=images)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:

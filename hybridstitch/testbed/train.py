@@ -31,7 +31,7 @@ import copy
 import json
 import math
 import os
-import platform
+import statistics
 import time
 
 import torch
@@ -40,6 +40,9 @@ import torch.nn.functional as F
 from hybridstitch.testbed.classifier import DigitClassifier
 from hybridstitch.testbed.components import IdentityVAE, TestbedPromptEncoder
 from hybridstitch.testbed.data import CHANNELS, IMAGE_SIZE, NUM_CLASSES, load_split, random_shift
+
+# Read by argparse; a constant, not the module docstring, so ``python -OO`` (no docstrings) works.
+DESCRIPTION = "Train the testbed: a large and a small SD3 transformer on 32x32 digits, plus a classifier."
 
 TEXT_TOKENS = 8
 JOINT_ATTENTION_DIM = 64
@@ -219,21 +222,17 @@ def train_flow(
 @torch.no_grad()
 def measure_latency(large, small, encoder, repeats: int = 30) -> dict:
     """Median per-call latency at batch 2 (a CFG pair), large and small interleaved."""
+    from hybridstitch.bench.timer import InterleavedTimer
+
     large.eval()
     small.eval()
     x = torch.randn(2, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
     embeds, pooled = encoder.encode(["", "a handwritten 3"])
     t = torch.full((2,), 500.0)
-    times = {"large": [], "small": []}
-    for _ in range(3):
-        large(x, embeds, pooled, t)
-        small(x, embeds, pooled, t)
-    for _ in range(repeats):
-        for name, model in (("large", large), ("small", small)):
-            t0 = time.perf_counter()
-            model(x, embeds, pooled, t)
-            times[name].append(time.perf_counter() - t0)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    timer = InterleavedTimer(reps=repeats, warmup=3)
+    for name, model in (("large", large), ("small", small)):
+        timer.add(name, lambda model=model: model(x, embeds, pooled, t))
+    med = {k: statistics.median(v.seconds) for k, v in timer.run().items()}
     return {
         "large_ms": round(1000 * med["large"], 2),
         "small_ms": round(1000 * med["small"], 2),
@@ -365,7 +364,7 @@ def write_report(out: str, record: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=DESCRIPTION)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -391,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import diffusers
 
+    from hybridstitch.bench.machine import describe_machine, machine_info
+
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     total_start = time.perf_counter()
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": describe_machine(machine_info(args.threads)),
     }
 
     # 1. Classifier.

@@ -23,6 +23,7 @@ needs_weights = pytest.mark.skipif(
 def load_script():
     spec = importlib.util.spec_from_file_location("quality_bench", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # importlib's recipe for a source file: dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
