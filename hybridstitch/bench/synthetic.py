@@ -141,7 +141,7 @@ class SyntheticWorkload:
 
     def __init__(self, settings: SyntheticSettings, common: WorkloadSettings):
         import torch
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        from hybridstitch.scheduling import sd3_scheduler
 
         from hybridstitch.conditioning import Conditioning
 
@@ -157,7 +157,7 @@ class SyntheticWorkload:
         self.warm_schedules = {m: replay_stages(StitchConfig.preset(m), warm_steps, warm) for m in self.methods}
         self.models = {role: build_synthetic_transformer(self.shape, role, common.seed + i)
                        for i, role in enumerate(("large", "small"))}
-        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+        self.scheduler = sd3_scheduler()
         g = torch.Generator().manual_seed(common.seed)
         s, t = self.shape["latent_side"], self.shape["text_tokens"]
         self.latents = torch.randn(1, 16, s, s, generator=g)  # [1, 16, h, w]

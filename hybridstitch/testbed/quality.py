@@ -165,7 +165,7 @@ def sample_euler(
     negative being the null prompt ``""``; ``guidance_scale <= 1`` runs the conditional
     half only. Returns images ``[B, C, H, W]`` clamped to ``[-1, 1]`` (the identity VAE).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from hybridstitch.scheduling import SD3_SCHEDULER_CONFIG, sd3_scheduler
 
     labels = [int(x) for x in torch.as_tensor(labels).flatten().tolist()]
     cfg = transformer.config
@@ -183,7 +183,7 @@ def sample_euler(
             embeds = torch.cat([neg_embeds, embeds])  # [2b, T, D]
             pooled = torch.cat([neg_pooled, pooled])  # [2b, P]
         embeds, pooled = embeds.to(device, dtype), pooled.to(device, dtype)
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+        scheduler = sd3_scheduler({**SD3_SCHEDULER_CONFIG, "shift": shift})
         scheduler.set_timesteps(steps, device=device)
         for t in scheduler.timesteps:
             model_in = torch.cat([latents, latents]) if use_cfg else latents

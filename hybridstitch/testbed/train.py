@@ -277,14 +277,14 @@ def _write_model_index(path: str, components: dict) -> None:
 
 
 def save_large(out: str, transformer, encoder) -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from hybridstitch.scheduling import sd3_scheduler
 
     root = os.path.join(out, "large")
     os.makedirs(root, exist_ok=True)
     transformer.save_pretrained(os.path.join(root, "transformer"))
     encoder.save_pretrained(os.path.join(root, "prompt_encoder"))
     IdentityVAE(latent_channels=CHANNELS, sample_size=IMAGE_SIZE).save_pretrained(os.path.join(root, "vae"))
-    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(os.path.join(root, "scheduler"))
+    sd3_scheduler().save_pretrained(os.path.join(root, "scheduler"))
     _write_model_index(
         root,
         {
