@@ -22,14 +22,26 @@ that puts the plugin in the network). Two consequences, both recorded in the man
   (``plugins/tensorrt_plugin.py``) cannot stand in for it: that kernel writes only the k fresh
   rows and relies on the outputs being the (aliased) input caches.
 
+Versions and precisions (refused up front, with the reason, rather than failing deep inside):
+
+- Torch-TensorRT >= 2.13 (:func:`why_torch_tensorrt_unsupported`). 2.6 has no ``custom_op``;
+  2.7-2.12 generate a plugin with a single output (their descriptor returns ``Tuple[TensorDesc]``
+  and sizes only the first output), and this op has three. Each release pins one torch minor and one
+  TensorRT minor (2.13: torch 2.13 and TensorRT 11.0; 2.14: 2.14 and 11.1).
+- no bf16 (:func:`check_torch_tensorrt_precision`): the generated JIT plugin hands TensorRT's
+  tensors to torch through ``__cuda_array_interface__``, which ``tensorrt.plugin`` refuses for
+  BF16 ("Handling DataType.BF16 via '__cuda_array_interface__' is not supported"), so a bf16
+  engine would build and then fail at its first inference. bf16 builds go through the ONNX path.
+
 Torch-TensorRT is imported lazily, like TensorRT: this module imports without either.
-Written against Torch-TensorRT 2.6+'s documented API; it has not run in this workplace (no
-TensorRT here), see docs/tensorrt.md.
+Written against Torch-TensorRT 2.13's sources; it has not run in this workplace (no TensorRT
+here), see docs/tensorrt.md.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -38,16 +50,43 @@ from hybridstitch.errors import HybridStitchError
 # The torch op Torch-TensorRT turns into a plugin; its plugin id is the op's qualified name.
 OP_PLUGIN = "hybridstitch::cached_kv_attention"
 _REGISTERED: set[str] = set()
+# First Torch-TensorRT whose generated plugin has the op's three outputs (see the module docstring).
+TORCH_TENSORRT_MIN = (2, 13)
+_INSTALL = "pip install 'torch-tensorrt>=2.13' (with torch 2.13+), or build with --compiler onnx"
+
+
+def why_torch_tensorrt_unsupported(version: str) -> str | None:
+    """Why Torch-TensorRT ``version`` (``torch_tensorrt.__version__``) cannot compile the masked graphs (None: it can)."""
+    found = re.match(r"(\d+)\.(\d+)", str(version).strip())
+    if found is None:
+        return f"cannot read Torch-TensorRT's version from {version!r}; {_INSTALL}"
+    have = (int(found.group(1)), int(found.group(2)))
+    if have >= TORCH_TENSORRT_MIN:
+        return None
+    what = ("has no torch_tensorrt.dynamo.conversion.plugins.custom_op" if have < (2, 7)
+            else "generates plugins with one output, and the attention op has three (out and both caches)")
+    return f"Torch-TensorRT {version} {what}; {_INSTALL}"
+
+
+def check_torch_tensorrt_precision(precision: str) -> None:
+    """Refuse a precision the Torch-TensorRT path cannot run. Call it where the export request is checked,
+    before any graph is exported: bf16 builds fine there and fails only at the first inference."""
+    if precision == "bf16":
+        raise HybridStitchError(
+            "--compiler torch-tensorrt cannot run bf16 engines: Torch-TensorRT's generated attention plugin passes "
+            "tensors to torch through __cuda_array_interface__, which TensorRT refuses for BF16, so the engine would "
+            "fail at its first inference. Use --compiler onnx for bf16, or --precision fp16"
+        )
 
 
 def _torch_tensorrt():
     try:
         import torch_tensorrt
     except ImportError as e:
-        raise HybridStitchError(
-            "--compiler torch-tensorrt needs torch-tensorrt (pip install torch-tensorrt, matching your torch and "
-            "TensorRT versions), or build with --compiler onnx"
-        ) from e
+        raise HybridStitchError(f"--compiler torch-tensorrt needs torch-tensorrt: {_INSTALL}") from e
+    reason = why_torch_tensorrt_unsupported(getattr(torch_tensorrt, "__version__", "?"))
+    if reason is not None:
+        raise HybridStitchError(reason)
     return torch_tensorrt
 
 
@@ -95,6 +134,11 @@ class EngineBytesFromTorch:
         self.module, self.example, self.options, self.timing_cache = module, example, options, timing_cache
 
     def __call__(self) -> bytes:
+        # the graph's own dtypes decide (a bf16 export, its fp32 blocks aside): refused before the
+        # long compile, in case the request was not checked with check_torch_tensorrt_precision
+        dtypes = {p.dtype for p in self.module.parameters()} | {x.dtype for x in self.example if torch.is_tensor(x)}
+        if torch.bfloat16 in dtypes:
+            check_torch_tensorrt_precision("bf16")
         torch_tensorrt = _torch_tensorrt()
         register_op_plugin()
         if self.timing_cache is not None:
@@ -123,4 +167,5 @@ class EngineBytesFromTorch:
         return bytes(data)
 
 
-__all__ = ["EngineBytesFromTorch", "OP_PLUGIN", "compile_settings", "register_op_plugin"]
+__all__ = ["EngineBytesFromTorch", "OP_PLUGIN", "TORCH_TENSORRT_MIN", "check_torch_tensorrt_precision", "compile_settings",
+           "register_op_plugin", "why_torch_tensorrt_unsupported"]
