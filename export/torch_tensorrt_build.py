@@ -22,9 +22,20 @@ that puts the plugin in the network). Two consequences, both recorded in the man
   (``plugins/tensorrt_plugin.py``) cannot stand in for it: that kernel writes only the k fresh
   rows and relies on the outputs being the (aliased) input caches.
 
+Versions and precisions (refused up front, with the reason, rather than failing deep inside):
+
+- Torch-TensorRT >= 2.13 (:func:`why_torch_tensorrt_unsupported`). 2.6 has no ``custom_op``;
+  2.7-2.12 generate a plugin with a single output (their descriptor returns ``Tuple[TensorDesc]``
+  and sizes only the first output), and this op has three. Each release pins one torch minor and one
+  TensorRT minor (2.13: torch 2.13 and TensorRT 11.0; 2.14: 2.14 and 11.1).
+- no bf16 (:func:`check_torch_tensorrt_precision`): the generated JIT plugin hands TensorRT's
+  tensors to torch through ``__cuda_array_interface__``, which ``tensorrt.plugin`` refuses for
+  BF16 ("Handling DataType.BF16 via '__cuda_array_interface__' is not supported"), so a bf16
+  engine would build and then fail at its first inference. bf16 builds go through the ONNX path.
+
 Torch-TensorRT is imported lazily, like TensorRT: this module imports without either.
-Written against Torch-TensorRT 2.6+'s documented API; it has not run in this workplace (no
-TensorRT here), see docs/tensorrt.md.
+Written against Torch-TensorRT 2.13's sources; it has not run in this workplace (no TensorRT
+here), see docs/tensorrt.md.
 """
 
 from __future__ import annotations
@@ -34,7 +45,19 @@ import os
 import torch
 
 from hybridstitch.errors import HybridStitchError
-from hybridstitch.plugins.torch_tensorrt_plugin import OP_PLUGIN, register_op_plugin, torch_tensorrt_module
+from hybridstitch.plugins.torch_tensorrt_plugin import register_op_plugin, torch_tensorrt_module
+
+
+def check_torch_tensorrt_precision(precision: str) -> None:
+    """Refuse a precision the Torch-TensorRT path cannot run. Called where the export request is
+    checked, before any graph is exported: bf16 builds fine there and fails only at the first inference."""
+    if precision == "bf16":
+        raise HybridStitchError(
+            "--compiler torch-tensorrt cannot run bf16 engines: Torch-TensorRT's generated attention plugin passes "
+            "tensors to torch through __cuda_array_interface__, which TensorRT refuses for BF16, so the engine would "
+            "fail at its first inference. Use --compiler onnx for bf16, or --precision fp16"
+        )
+
 
 def compile_settings(options, timing_cache: str | None) -> dict:
     """``convert_exported_program_to_serialized_trt_engine`` keyword arguments for ``options``."""
@@ -67,6 +90,11 @@ class EngineBytesFromTorch:
         self.dynamic_shapes, self.ranges = dynamic_shapes, ranges or [None] * len(example)
 
     def __call__(self) -> bytes:
+        # the graph's own dtypes decide (a bf16 export, its fp32 blocks aside): refused before the
+        # long compile, in case the request was not checked with check_torch_tensorrt_precision
+        dtypes = {p.dtype for p in self.module.parameters()} | {x.dtype for x in self.example if torch.is_tensor(x)}
+        if torch.bfloat16 in dtypes:
+            check_torch_tensorrt_precision("bf16")
         torch_tensorrt = torch_tensorrt_module()
         register_op_plugin()
         if self.timing_cache is not None:
@@ -100,4 +128,4 @@ class EngineBytesFromTorch:
         return bytes(data)
 
 
-__all__ = ["EngineBytesFromTorch", "OP_PLUGIN", "compile_settings", "register_op_plugin"]
+__all__ = ["EngineBytesFromTorch", "check_torch_tensorrt_precision", "compile_settings"]

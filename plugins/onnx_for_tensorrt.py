@@ -16,7 +16,15 @@ first, older ones do not), so for TensorRT we strip the function and name the na
   they called), keeping the nodes, their attributes, the domain's ``opset_import`` and the
   graph's ``value_info`` shapes;
 - :func:`add_plugin_attributes` sets ``plugin_namespace = "hybridstitch"`` (our plugins are not
-  in the default namespace "") and ``plugin_version = "1"`` on those nodes.
+  in the default namespace "") and ``plugin_version = "1"`` on those nodes, and ``aot = 1``.
+
+``aot``: TensorRT's parser (10.9+) reads this integer attribute of a plugin node to ask a
+``tensorrt.plugin`` creator for its ahead-of-time implementation strictly (NVIDIA's
+``samples/python/quickly_deployable_plugins``: "a bool attribute called "aot" ... set to True";
+ONNX has no boolean attributes, so onnx-graphsurgeon and ``onnx.helper`` write it as the INT 1).
+Without it the creator may be asked for a JIT plugin, which this one does not have; with it a
+plugin registered without an AOT implementation fails at parse time, naming the plugin
+("AOT implementation requested, but not defined"), instead of later.
 
 :func:`prepare_for_tensorrt` does both; :func:`prepare_file_for_tensorrt` does it on files,
 including models whose weights live in external data files (SD3.5 Large is over 2 GB).
@@ -97,27 +105,34 @@ def strip_local_functions(model: onnx.ModelProto, domain: str = OP_DOMAIN) -> on
     return stripped
 
 
+# The attributes TensorRT's parser consumes itself (never handed to the plugin creator).
+PARSER_ATTRIBUTES = ("plugin_namespace", "plugin_version", "aot")
+
+
 def add_plugin_attributes(
     model: onnx.ModelProto,
     op_type: str = OP_NAME,
     domain: str = OP_DOMAIN,
     plugin_namespace: str = OP_DOMAIN,
     plugin_version: str = OP_VERSION,
+    aot: bool = True,
 ) -> int:
-    """Set the string attributes ``plugin_namespace``/``plugin_version`` on every ``domain::op_type``
-    node, in place (replacing earlier values). Returns how many nodes were tagged."""
+    """Set the string attributes ``plugin_namespace``/``plugin_version`` and the integer ``aot`` on
+    every ``domain::op_type`` node, in place (replacing earlier values). Returns how many nodes
+    were tagged."""
     tagged = 0
     for graph in _graphs(model.graph):
         for node in graph.node:
             if node.domain != domain or node.op_type != op_type:
                 continue
-            kept = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version")]
+            kept = [a for a in node.attribute if a.name not in PARSER_ATTRIBUTES]
             del node.attribute[:]
             node.attribute.extend(kept)
             node.attribute.extend(
                 [
                     onnx.helper.make_attribute("plugin_namespace", plugin_namespace),
                     onnx.helper.make_attribute("plugin_version", plugin_version),
+                    onnx.helper.make_attribute("aot", int(aot)),
                 ]
             )
             tagged += 1

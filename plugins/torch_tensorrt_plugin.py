@@ -10,22 +10,41 @@ Torch-TensorRT is imported lazily: this module imports without it.
 
 from __future__ import annotations
 
+import re
+
 from hybridstitch.errors import HybridStitchError
 
 # The torch op Torch-TensorRT turns into a plugin; its plugin id is the op's qualified name.
 OP_PLUGIN = "hybridstitch::cached_kv_attention"
 _REGISTERED: set[str] = set()
+# First Torch-TensorRT whose generated plugin has the op's three outputs: 2.6 has no
+# plugins.custom_op, 2.7-2.12 generate plugins with one output.
+TORCH_TENSORRT_MIN = (2, 13)
+_INSTALL = "pip install 'torch-tensorrt>=2.13' (with torch 2.13+), or build with --compiler onnx"
+
+
+def why_torch_tensorrt_unsupported(version: str) -> str | None:
+    """Why Torch-TensorRT ``version`` (``torch_tensorrt.__version__``) cannot compile the masked graphs (None: it can)."""
+    found = re.match(r"(\d+)\.(\d+)", str(version).strip())
+    if found is None:
+        return f"cannot read Torch-TensorRT's version from {version!r}; {_INSTALL}"
+    have = (int(found.group(1)), int(found.group(2)))
+    if have >= TORCH_TENSORRT_MIN:
+        return None
+    what = ("has no torch_tensorrt.dynamo.conversion.plugins.custom_op" if have < (2, 7)
+            else "generates plugins with one output, and the attention op has three (out and both caches)")
+    return f"Torch-TensorRT {version} {what}; {_INSTALL}"
 
 
 def torch_tensorrt_module():
-    """``torch_tensorrt``, or a HybridStitchError saying how to get it."""
+    """``torch_tensorrt`` (a version that can build the op's plugin), or a HybridStitchError saying how to get it."""
     try:
         import torch_tensorrt
     except ImportError as e:
-        raise HybridStitchError(
-            "--compiler torch-tensorrt needs torch-tensorrt (pip install torch-tensorrt, matching your torch and "
-            "TensorRT versions), or build with --compiler onnx"
-        ) from e
+        raise HybridStitchError(f"--compiler torch-tensorrt needs torch-tensorrt: {_INSTALL}") from e
+    reason = why_torch_tensorrt_unsupported(getattr(torch_tensorrt, "__version__", "?"))
+    if reason is not None:
+        raise HybridStitchError(reason)
     return torch_tensorrt
 
 
@@ -46,4 +65,4 @@ def register_op_plugin() -> str:
     return OP_PLUGIN
 
 
-__all__ = ["OP_PLUGIN", "register_op_plugin", "torch_tensorrt_module"]
+__all__ = ["OP_PLUGIN", "TORCH_TENSORRT_MIN", "register_op_plugin", "torch_tensorrt_module", "why_torch_tensorrt_unsupported"]

@@ -204,6 +204,44 @@ def get_kernel():
     return cached_kv_attention_kernel
 
 
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter (``TRITON_INTERPRET=1``) cannot run this kernel here; None when it can.
+
+    The kernel loops over run-time sizes (``range(0, KM, BLOCK_N)``), which the interpreter turns
+    into Python ints through ``int()`` of a one-element numpy array. Triton 3.6 does exactly
+    that, and recent NumPy refuses it ("only 0-dimensional arrays can be converted to Python
+    scalars": 2.4.6 does, 2.3.5 did not, both checked with 3.6); Triton 3.9 squeezes the array first. Only the interpreter is affected: compiled
+    kernels and the AOT PTX never run this Python. Probed with a three-line kernel, so any other
+    Triton / NumPy pair is judged by what it does, not by its version numbers.
+    """
+    import numpy as np
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _probe(X, n):
+        for i in range(0, n, 1):
+            tl.store(X + i, i)
+
+    if type(_probe).__name__ != "InterpretedFunction":
+        return None  # not interpreting: nothing to probe
+    x = torch.zeros(2, dtype=torch.int32)
+    try:
+        _probe[(1,)](x, 2)
+    except Exception as error:  # noqa: BLE001 -- the interpreter wraps what it hits in its own types
+        if "0-dimensional" not in str(error):
+            raise
+        return (
+            f"Triton {triton.__version__}'s interpreter cannot run loops over run-time sizes with NumPy {np.__version__} "
+            "(it calls int() on one-element arrays, which this NumPy refuses; Triton 3.9 does not): use triton>=3.9, or "
+            "numpy<2.4 with this Triton, for TRITON_INTERPRET=1 runs. Compiled kernels are not affected"
+        )
+    if x.tolist() != [0, 1]:
+        return f"Triton {triton.__version__}'s interpreter ran a run-time loop wrong ({x.tolist()} instead of [0, 1])"
+    return None
+
+
 def _check_inputs(query, key, value, cache_k, cache_v, index) -> None:
     if query.dim() != 4 or key.shape != query.shape or value.shape != query.shape:
         raise HybridStitchError(
@@ -276,6 +314,8 @@ def cached_kv_attention_triton(
             f"the Triton kernel runs on CUDA tensors (got {query.device}); on CPU use the reference, or set "
             "TRITON_INTERPRET=1 before the first call to run Triton's interpreter"
         )
+    if not query.is_cuda and (problem := interpreter_problem()) is not None:
+        raise HybridStitchError(problem)
     b, h, m, d = query.shape
     n = cache_k.shape[2]
     km = index.shape[1]

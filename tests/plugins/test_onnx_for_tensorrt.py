@@ -116,16 +116,22 @@ def test_strip_declares_the_domain_if_only_the_function_did():
 def test_plugin_attributes_name_the_creator():
     prepared = prepare_for_tensorrt(_model())
     onnx.checker.check_model(prepared)
-    assert _attrs(_node(prepared)) == {"layer": 3, "plugin_namespace": OP_DOMAIN, "plugin_version": OP_VERSION}
-    # the parser reads both as STRING attributes
-    assert {a.name: a.type for a in _node(prepared).attribute if a.name.startswith("plugin_")} == {
+    assert _attrs(_node(prepared)) == {"layer": 3, "plugin_namespace": OP_DOMAIN, "plugin_version": OP_VERSION, "aot": 1}
+    # the parser reads the creator's namespace and version as STRING attributes, and "aot" (the
+    # AOT implementation, strictly) as the INT onnx-graphsurgeon writes for True
+    assert {a.name: a.type for a in _node(prepared).attribute if a.name != "layer"} == {
         "plugin_namespace": onnx.AttributeProto.STRING,
         "plugin_version": onnx.AttributeProto.STRING,
+        "aot": onnx.AttributeProto.INT,
     }
+    assert helper.make_attribute("aot", True).type == onnx.AttributeProto.INT
     assert not [f for f in prepared.functions if f.domain == OP_DOMAIN]
     # idempotent: tagging again replaces, never duplicates
     assert add_plugin_attributes(prepared) == 1
-    assert [a.name for a in _node(prepared).attribute].count("plugin_namespace") == 1
+    names = [a.name for a in _node(prepared).attribute]
+    assert names.count("plugin_namespace") == 1 and names.count("aot") == 1
+    add_plugin_attributes(prepared, aot=False)
+    assert _attrs(_node(prepared))["aot"] == 0
 
 
 def test_prepare_file_keeps_external_weights(tmp_path):
