@@ -68,6 +68,7 @@ class DeviceInfo:
     name: str
     compute_capability: tuple[int, int]
     tensorrt_version: str
+    driver_cuda: tuple[int, int] | None = None  # the NVIDIA driver's CUDA version: the PTX it can load
 
     @property
     def sm(self) -> str:
@@ -88,10 +89,14 @@ def current_device(index: int = 0) -> DeviceInfo:
     try:
         import tensorrt
     except ImportError as e:
-        raise HybridStitchError("TensorRT is not installed: pip install hybridstitch[gpu] (tensorrt >= 10.8)") from e
+        raise HybridStitchError("TensorRT is not installed: pip install hybridstitch[gpu] (tensorrt >= 10.9)") from e
+    from hybridstitch.plugins.aot import driver_cuda_version
+    from hybridstitch.plugins.tensorrt_plugin import require_supported_tensorrt
+
+    require_supported_tensorrt(tensorrt.__version__)
     props = torch.cuda.get_device_properties(index)
     return DeviceInfo(name=props.name, compute_capability=(props.major, props.minor),
-                      tensorrt_version=tensorrt.__version__)
+                      tensorrt_version=tensorrt.__version__, driver_cuda=driver_cuda_version())
 
 
 # -- naming and refusals (pure) ----------------------------------------------------------------------------
@@ -171,6 +176,16 @@ def why_build_cannot_run(build: dict, device: DeviceInfo) -> str | None:
     plugin = build.get("plugin")
     if plugin and not _ptx_runs_on(plugin["ptx_target"], have):
         return f"its attention plugin holds {plugin['ptx_target']} PTX, which does not run on compute capability {cc}"
+    if plugin and plugin.get("implementation") == "aot":
+        from hybridstitch.plugins.aot import why_ptx_cannot_load
+
+        if not plugin.get("ptx_version"):
+            # built before the PTX version was pinned: Triton's newest ISA, which new drivers may refuse
+            return "its attention plugin's PTX ISA version is not recorded (an engine of an older hybridstitch): rebuild it"
+        if device.driver_cuda is not None:
+            why = why_ptx_cannot_load(plugin["ptx_version"], device.driver_cuda)
+            if why is not None:
+                return why
     if not build.get("complete"):
         return "its build did not finish"
     return None

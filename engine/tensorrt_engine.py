@@ -43,6 +43,9 @@ class TrtRuntime:
                 "TensorRT is not installed: pip install hybridstitch[gpu] on the GPU machine that built the engines "
                 "(or run ONNX Runtime engines: hybridstitch-export --backend onnxruntime)"
             ) from e
+        from hybridstitch.plugins.tensorrt_plugin import require_supported_tensorrt
+
+        require_supported_tensorrt(trt.__version__)
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)

@@ -94,6 +94,10 @@ class ExportRequest:
                 raise HybridStitchError(f"fp32_blocks are block indices >= 0, got {list(self.fp32_blocks)}")
         if self.backend == "tensorrt":
             self.tensorrt = self.tensorrt or TensorRTOptions()
+            if self.tensorrt.compiler == "torch-tensorrt":
+                from .torch_tensorrt_build import check_torch_tensorrt_precision
+
+                check_torch_tensorrt_precision(self.precision)
         elif self.tensorrt is not None:
             raise HybridStitchError(
                 "TensorRT options (compiler, attention, builder optimisation level, hardware compatibility, timing "

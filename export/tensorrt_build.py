@@ -140,7 +140,7 @@ class TensorRTToolchain:
 
     def register_plugin(self, target: str) -> dict:
         """Register the AOT attention plugin; returns the manifest's plugin record."""
-        from hybridstitch.plugins.tensorrt_plugin import PLUGIN_ID, register_plugin
+        from hybridstitch.plugins.tensorrt_plugin import plugin_record, register_plugin
 
         if _PLUGIN_TARGET and _PLUGIN_TARGET[0] != target:
             # TensorRT cannot unregister a Python plugin: its first registration (and PTX) stays
@@ -150,7 +150,7 @@ class TensorRTToolchain:
             )
         register_plugin(target=target)
         _PLUGIN_TARGET[:] = [target]
-        return dict(id=PLUGIN_ID, implementation="aot", ptx_target=target)
+        return plugin_record(target)
 
     def engine_from_onnx(self, path: str, options: TensorRTOptions, timing_cache: str | None, plugin: bool,
                          profiles: list[dict[str, tuple]]) -> bytes:

@@ -56,8 +56,9 @@ class TensorRTOnnxFromOnnx:
 class ParityFromOnnx:
     """An exported ONNX file and the torch graph it came from -> the check that they agree.
 
-    ONNX Runtime runs the file on ``example`` inputs (numpy, through the CUDA provider when
-    onnxruntime-gpu and a GPU are there, else the CPU one) and the torch graph runs on the same
+    ONNX Runtime runs the file on ``example`` inputs (numpy; on a machine with a GPU through the
+    CUDA provider, which must be there and must really load: a GPU check never falls back to the
+    CPU provider, see ``plugins/ort_providers.py``) and the torch graph runs on the same
     inputs; the relative error ``max|ort - torch| / max|torch|`` of every output must stay under
     the precision's tolerance. Returns a one-line summary; raises HybridStitchError otherwise.
     bf16 graphs (no ONNX Runtime kernels) get the ONNX checker with full shape inference.
@@ -77,12 +78,17 @@ class ParityFromOnnx:
         import onnxruntime as ort
         import torch
 
-        use_cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
-        provider = "CUDAExecutionProvider" if use_cuda else "CPUExecutionProvider"
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the torch side, independently
+        from hybridstitch.plugins.ort_providers import require_cuda_provider, require_session_on_cuda
+
+        use_cuda = torch.cuda.is_available()
+        providers = require_cuda_provider(ort) if use_cuda else ["CPUExecutionProvider"]
+        provider = providers[0]
+        device = torch.device("cuda" if use_cuda else "cpu")  # the torch side, independently
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        session = ort.InferenceSession(self.path, options, providers=[provider])
+        session = ort.InferenceSession(self.path, options, providers=providers)
+        if use_cuda:
+            require_session_on_cuda(session)
         names = [i.name for i in session.get_inputs()]
         feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, self.example)}
         got = session.run(None, feeds)

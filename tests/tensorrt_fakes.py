@@ -21,7 +21,7 @@ import onnxruntime as ort
 from hybridstitch.engine.builds import DeviceInfo, EngineTensor
 from hybridstitch.plugins import OP_DOMAIN, OP_NAME
 from hybridstitch.plugins.onnx_op import attach_function
-from hybridstitch.plugins.tensorrt_plugin import PLUGIN_ID
+from hybridstitch.plugins.tensorrt_plugin import plugin_record
 
 MAGIC = b"HSFAKEPLAN2\n"
 TRT_VERSION = "10.9.0.34"
@@ -73,7 +73,7 @@ class FakeToolchain:
 
     def register_plugin(self, target: str) -> dict:
         self.plugin_targets.append(target)
-        return dict(id=PLUGIN_ID, implementation="aot", ptx_target=target)
+        return plugin_record(target)
 
     def engine_from_onnx(self, path, options, timing_cache, plugin: bool, profiles) -> bytes:
         model = onnx.load(path)

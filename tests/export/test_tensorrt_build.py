@@ -112,7 +112,9 @@ def test_engines_are_named_per_gpu_model_and_tensorrt_version():
 
 def _build(**kw):
     build = dict(tensorrt_version=TRT_VERSION, compute_capability=[8, 9], gpu="NVIDIA RTX 6000 Ada Generation",
-                 hardware_compatibility="none", plugin=dict(id="hybridstitch::CachedKVAttention", ptx_target="sm_89"),
+                 hardware_compatibility="none",
+                 plugin=dict(id="hybridstitch::CachedKVAttention", implementation="aot", ptx_target="sm_89",
+                             ptx_version="8.0"),
                  complete=True, compiler="onnx", attention="plugin")
     build.update(kw)
     return build
@@ -140,6 +142,11 @@ TURING = DeviceInfo("Tesla T4", (7, 5), TRT_VERSION)
         (_build(hardware_compatibility="ampere_plus", plugin=dict(id="p", ptx_target="sm_90")), BLACKWELL, "sm_90 PTX"),
         (_build(plugin=None, hardware_compatibility="ampere_plus"), TURING, "Ampere"),
         (_build(complete=False), ADA, "did not finish"),
+        # the plugin's PTX is JIT-compiled by the driver at load: an ISA it does not know is refused
+        (_build(), DeviceInfo(ADA.name, (8, 9), TRT_VERSION, driver_cuda=(13, 0)), None),
+        (_build(plugin=dict(id="p", implementation="aot", ptx_target="sm_89", ptx_version="9.4")),
+         DeviceInfo(ADA.name, (8, 9), TRT_VERSION, driver_cuda=(13, 0)), "loads PTX up to 9.0"),
+        (_build(plugin=dict(id="p", implementation="aot", ptx_target="sm_89")), ADA, "PTX ISA version is not recorded"),
     ],
 )
 def test_why_a_build_cannot_run(build, device, match):
@@ -344,7 +351,8 @@ def test_tensorrt_export_writes_engines_and_manifest(fp16_export):
     assert build["compute_capability"] == [8, 9] and build["tensorrt_version"] == TRT_VERSION
     assert build["builder_optimization_level"] == 4 and build["hardware_compatibility"] == "none"
     assert build["strongly_typed"] and build["precision"] == "fp16" and build["fp32_blocks"] == [1]
-    assert build["plugin"] == {"id": "hybridstitch::CachedKVAttention", "implementation": "aot", "ptx_target": "sm_89"}
+    assert build["plugin"] == {"id": "hybridstitch::CachedKVAttention", "implementation": "aot", "ptx_target": "sm_89",
+                               "ptx_version": "8.0"}
     assert build["python_plugins"] == [] and build["timing_cache"] == timing_cache_path(ADA)
     assert sorted(build["engines"]) == ["large", "small"]  # one large engine: one copy of the weights
     for name, record in build["engines"].items():

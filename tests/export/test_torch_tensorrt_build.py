@@ -55,3 +55,11 @@ def test_a_bf16_graph_is_refused_before_compiling(monkeypatch, where):
         EngineBytesFromTorch(module, example, TensorRTOptions(compiler="torch-tensorrt"), timing_cache=None)()
     with pytest.raises(HybridStitchError, match="needs torch-tensorrt"):
         EngineBytesFromTorch(torch.nn.Linear(4, 4), (torch.zeros(1, 4),), TensorRTOptions(compiler="torch-tensorrt"), None)()
+
+
+def test_an_export_request_for_bf16_through_torch_tensorrt_is_refused_at_once(tiny_dirs):
+    from hybridstitch.export import ExportRequest
+
+    with pytest.raises(HybridStitchError, match="cannot run bf16 engines"):
+        ExportRequest(large=tiny_dirs[0], small=tiny_dirs[1], height=64, width=64, precision="bf16", opset=22,
+                      backend="tensorrt", tensorrt=TensorRTOptions(compiler="torch-tensorrt"))
