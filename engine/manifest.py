@@ -26,7 +26,7 @@
                            "config": {...diffusers transformer config...}},
                  "small": {...}},
       "scheduler": {...FlowMatchEulerDiscreteScheduler config...} | null,
-      "graphs": {"small": {"kind": "small", "file": "small.onnx", "external_data": null | "small.onnx.data",
+      "graphs": {"small": {"kind": "small", "file": "small.onnx", "external_data": "small.onnx.data",
                            "files": [{"name", "size", "sha256"}], "key": "<sha256 of what it was built from>",
                            "inputs": [{"name", "shape", "dtype"}], "outputs": [...],   # shapes: ints, or the
                            "custom_nodes": 0 | n},                                     # symbols "batch" / "k"

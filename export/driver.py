@@ -123,7 +123,7 @@ def _build_graph(g: GraphPlan, plan: ExportPlan, load: Callable, out: str, bar) 
     _check_io(model, g)
     bar.update(1)
     bar.set_postfix_str("save")
-    files, data_name = FilesFromOnnx(model, out, g.name, req.external_data_threshold)()
+    files, data_name = FilesFromOnnx(model, out, g.name)()
     bar.update(1)
     from hybridstitch.plugins.onnx_op import count_nodes
 

@@ -21,9 +21,6 @@ DEFAULT_BUCKETS = (0.1, 0.2, 0.3, 0.4)
 DEFAULT_OPSET = 18
 # Conv, LayerNorm and friends take bfloat16 only from opset 22 on.
 BF16_MIN_OPSET = 22
-# Above this many bytes of weights a graph is saved with external data (protobuf's 2 GB limit,
-# with room for the graph itself).
-EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 # SD3's text conditioning: 77 CLIP tokens + 256 T5 tokens (diffusers' max_sequence_length).
 SD3_TEXT_TOKENS = 77 + 256
 
@@ -49,7 +46,6 @@ class ExportRequest:
     opset: int = DEFAULT_OPSET
     text_tokens: int | None = None  # None: from the large folder's conditioner (SD3: 333)
     vae_scale_factor: int | None = None  # None: from the large folder (SD3: 8; testbed: 1)
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     overwrite: bool = False
     # Large-model blocks run in float32 inside a fp16 graph (casts at the block's edges). None:
     # automatic -- block 35 of SD3.5 Large in fp16, as TensorRT's own SD3.5 demo; () for none.
@@ -135,7 +131,6 @@ __all__ = [
     "DEFAULT_BUCKETS",
     "DEFAULT_OPSET",
     "DTYPES",
-    "EXTERNAL_DATA_THRESHOLD",
     "ExportRequest",
     "ONNX_FLOAT",
     "SD3_TEXT_TOKENS",
