@@ -51,6 +51,10 @@ class ExportRequest:
     # automatic -- block 35 of SD3.5 Large in fp16, as TensorRT's own SD3.5 demo; () for none.
     fp32_blocks: tuple[int, ...] | None = None
     tensorrt: TensorRTOptions | None = None  # backend="tensorrt" only; None: the defaults
+    # Refuse (before writing anything) when the memory plan does not fit this many GB; ``encoders``:
+    # where the text encoders and VAE will run, for that plan (gpu | cpu | none).
+    gpu_memory_gb: float | None = None
+    encoders: str = "gpu"
 
     def __post_init__(self) -> None:
         self.buckets = tuple(sorted({float(r) for r in self.buckets}))
@@ -84,6 +88,11 @@ class ExportRequest:
                     f"bf16 needs opset >= {BF16_MIN_OPSET} (Conv and LayerNormalization take bfloat16 from opset 22); "
                     f"got {self.opset}: pass --opset {BF16_MIN_OPSET}"
                 )
+        if self.encoders not in ("gpu", "cpu", "none"):
+            raise HybridStitchError(f"encoders must be gpu, cpu or none, got {self.encoders!r}")
+        if self.gpu_memory_gb is not None and not (isinstance(self.gpu_memory_gb, (int, float))
+                                                   and 0 < self.gpu_memory_gb < float("inf")):
+            raise HybridStitchError(f"gpu_memory_gb must be a positive number of GB, got {self.gpu_memory_gb!r}")
         if self.fp32_blocks is not None:
             self.fp32_blocks = tuple(sorted({int(i) for i in self.fp32_blocks}))
             if any(i < 0 for i in self.fp32_blocks):
