@@ -35,7 +35,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from hybridstitch.denoiser import TransformerSpec
+from hybridstitch.denoiser import TransformerSpec, check_pair
 from hybridstitch.errors import HybridStitchError
 from hybridstitch.loading import read_json, transformer_dir
 
@@ -201,7 +201,8 @@ def plan_memory(
         raise HybridStitchError(f"precision must be one of {', '.join(BYTES)}, got {precision!r}")
     if encoder_placement not in PLACEMENTS:
         raise HybridStitchError(f"encoders must be one of {', '.join(PLACEMENTS)}, got {encoder_placement!r}")
-    large, small = TransformerSpec.from_config(large_config), TransformerSpec.from_config(small_config)
+    large = TransformerSpec.from_config(large_config)
+    check_pair(large, TransformerSpec.from_config(small_config))
     p = large.patch_size
     lh, lw = height // vae_scale_factor, width // vae_scale_factor
     n = (lh // p) * (lw // p)
@@ -305,10 +306,10 @@ def check_fits(plan: MemoryPlan, capacity_gb: float) -> None:
         raise HybridStitchError("the engine set does not fit: " + plan.advice(capacity_gb))
 
 
-__all__ = ["MemoryPlan", "PlanItem", "check_fits", "memory_plan", "plan_for_request", "plan_memory"]
-
-
 def plan_dict(plan: MemoryPlan) -> dict:
     """JSON form of a plan (benchmarks write it)."""
     return dict(device=plan.device, describe=plan.describe, notes=plan.notes, total_bytes=plan.total(),
                 items=[asdict(i) for i in plan.items])
+
+
+__all__ = ["MemoryPlan", "PlanItem", "check_fits", "memory_plan", "plan_dict", "plan_for_request", "plan_memory"]

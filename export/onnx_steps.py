@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 from hybridstitch.denoiser import TransformerSpec
-from hybridstitch.engine.manifest import sha256_file
+from hybridstitch.engine.manifest import file_record
 from hybridstitch.errors import HybridStitchError
 
 
@@ -202,14 +202,13 @@ class FilesFromOnnx:
         try:
             ir.save(self.model, os.path.join(tmp, onnx_name), external_data=data_name)
             names = [n for n in (data_name, onnx_name) if n]  # data first: the .onnx lands last
-            records = []
             for n in names:
-                path = os.path.join(tmp, n)
-                with open(path, "rb") as f:
+                with open(os.path.join(tmp, n), "rb") as f:
                     os.fsync(f.fileno())
-                records.append(dict(name=n, size=os.path.getsize(path), sha256=sha256_file(path)))
             for n in names:
                 os.replace(os.path.join(tmp, n), os.path.join(self.folder, n))
+            # hashed (and stat'ed: a rename moves ctime) where the files now live
+            records = [file_record(os.path.join(self.folder, n), n) for n in names]
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return records[::-1], data_name  # .onnx first in the manifest
