@@ -67,10 +67,16 @@ def _generate(args) -> int:
         atomic_write_bytes(path, buf.getvalue())
         print(f"wrote {path}")
     if args.trace:
-        out.trace.save(args.trace)
+        if len(out.traces) == 1:
+            out.trace.save(args.trace)
+        else:  # one trace per image
+            import json
+
+            atomic_write_bytes(args.trace, json.dumps([t.to_dict() for t in out.traces], indent=1).encode())
         print(f"wrote {args.trace}")
-    t = out.trace
-    print(f"{config.name}: {t.total_seconds:.2f} s, stages {t.stage_counts}, switch steps {t.switch_steps}")
+    for t in out.traces:
+        print(f"{config.name} image {t.sample}: {t.total_seconds:.2f} s, stages {t.stage_counts}, "
+              f"switch steps {t.switch_steps}")
     return 0
 
 

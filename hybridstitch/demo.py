@@ -78,33 +78,37 @@ def _grid_figure(results: dict, prompts):
     return fig
 
 
-def _mask_figure(trace, images, prompts, patch: int):
-    """Rows: prompts; columns: masked steps. Each cell: the final image, masked tokens in red."""
+def _mask_figure(traces, images, prompts, patch: int):
+    """Rows: prompts; columns: each image's own masked steps. Each cell: the final image, masked tokens in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    masked = [s for s in trace.steps if s.mask_index is not None]
-    if not masked:
+    masked = [[s for s in trace.steps if s.mask_index is not None] for trace in traces]
+    width = max((len(m) for m in masked), default=0)
+    if not width:
         return None
-    fig, axes = plt.subplots(len(prompts), len(masked), figsize=(1.2 * len(masked), 1.3 * len(prompts)), squeeze=False)
+    fig, axes = plt.subplots(len(prompts), width, figsize=(1.2 * width, 1.3 * len(prompts)), squeeze=False)
     for r, img in enumerate(images):
         base = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
         h, w = base.shape[:2]
         cols = w // patch
-        for c, step in enumerate(masked):
-            overlay = base * 0.6
-            for n in step.mask_index[r]:
-                y, x = (n // cols) * patch, (n % cols) * patch
-                overlay[y:y + patch, x:x + patch] = [0.95, 0.15, 0.1]
+        for c in range(width):
             ax = axes[r][c]
-            ax.imshow(overlay, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"step {step.step}\n{step.masked_tokens} tok", fontsize=7)
+            if c >= len(masked[r]):  # this image left its masked stage earlier
+                ax.axis("off")
+                continue
+            step = masked[r][c]
+            overlay = base * 0.6
+            for n in step.mask_index[0]:
+                y, x = (n // cols) * patch, (n % cols) * patch
+                overlay[y:y + patch, x:x + patch] = [0.95, 0.15, 0.1]
+            ax.imshow(overlay, interpolation="nearest")
+            ax.set_title(f"step {step.step}, {step.masked_tokens} tok", fontsize=6)
     fig.suptitle("tokens the large model refined (red), per masked step", fontsize=9)
     fig.tight_layout()
     return fig
@@ -157,20 +161,23 @@ def run_demo(
     for label, preset in methods.items():
         t0 = time.perf_counter()
         out = pipe(config=preset, generator=torch.Generator().manual_seed(seed), record_masks=True, **kwargs)
-        results[label] = dict(images=out.images, trace=out.trace, seconds=time.perf_counter() - t0)
+        results[label] = dict(images=out.images, traces=out.traces, seconds=time.perf_counter() - t0)
 
     base = results["large"]["seconds"]
     summary = {"backend": backend, "threads": threads, "steps": steps, "prompts": list(prompts), "methods": {}}
     print(f"\nhybridstitch demo: {len(prompts)} prompts, {steps} steps, CFG {guidance_scale}, {backend}, {threads} thread(s)")
     print(f"{'method':<28} {'seconds':>8} {'speed-up':>9}  stages")
     for label, res in results.items():
-        tr = res["trace"]
+        traces = res["traces"]  # one per image: each takes its own stages
         name = methods[label] if label != "hybridstitch" else f"hybridstitch ({method})"
         speed = base / res["seconds"]
-        print(f"{name:<28} {res['seconds']:>8.2f} {speed:>8.2f}x  {tr.stage_counts} switch {tr.switch_steps}")
+        switches = " ".join(str(t.switch_steps) for t in traces)
+        print(f"{name:<28} {res['seconds']:>8.2f} {speed:>8.2f}x  switch steps per image {switches}")
         summary["methods"][label] = dict(preset=methods[label], seconds=res["seconds"], speedup=speed,
-                                         stage_counts=tr.stage_counts, switch_steps=tr.switch_steps)
-        tr.save(os.path.join(out_dir, f"trace-{label}.json"))
+                                         stage_counts=[t.stage_counts for t in traces],
+                                         switch_steps=[t.switch_steps for t in traces])
+        atomic_write_text(os.path.join(out_dir, f"trace-{label}.json"),
+                          json.dumps([t.to_dict() for t in traces], indent=1))
         for i, img in enumerate(res["images"]):
             atomic_write_bytes(os.path.join(out_dir, f"{label}-{i}.png"), _png(img))
 
@@ -179,7 +186,7 @@ def run_demo(
     fig = _grid_figure(results, list(prompts))
     atomic_write_bytes(os.path.join(out_dir, "grid.png"), _png(fig))
     plt.close(fig)
-    fig = _mask_figure(results["hybridstitch"]["trace"], results["hybridstitch"]["images"], list(prompts),
+    fig = _mask_figure(results["hybridstitch"]["traces"], results["hybridstitch"]["images"], list(prompts),
                        pipe.large.spec.patch_size * pipe.vae_scale_factor)
     if fig is not None:
         atomic_write_bytes(os.path.join(out_dir, "masks.png"), _png(fig))

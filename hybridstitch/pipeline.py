@@ -8,7 +8,6 @@ models through the :class:`~hybridstitch.denoiser.Denoiser` interface only, so a
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,19 +20,38 @@ from .config import StitchConfig
 from .denoiser import Denoiser, MaskedDenoiser, TransformerSpec, check_pair
 from .errors import HybridStitchError
 from .latency_model import warn_if_bound_violated
-from .masks import MaskSelector, tokens_for_ratio
-from .metrics import predict_x0, relative_l1
-from .policy import ReplayPolicy, Stage, StagePolicy
-from .step import call_timer, denoise_step
-from .trace import StepRecord, Trace
+from .policy import Stage
+from .sample import Sample, Timesteps, new_sample
+from .step import step
+from .trace import Trace
 
 DEFAULT_PRESET = "hybridstitch-30"
 
 
 @dataclass
+class PreparedCall:
+    """A call checked, encoded and split into samples (steps 1-3), waiting for its denoising loop."""
+
+    samples: list[Sample]
+    config: StitchConfig
+    output_type: str
+    progress: bool
+    t_start: float
+
+
+@dataclass
 class HybridStitchOutput:
     images: Any  # list of PIL images, or the latents [B, C, h, w] with output_type="latent"
-    trace: Trace
+    traces: list[Trace]  # one per image: its own stages, switch steps, masks and call times
+
+    @property
+    def trace(self) -> Trace:
+        """The trace of a one-image call (several images: ``traces``, one each)."""
+        if len(self.traces) != 1:
+            raise HybridStitchError(
+                f"this call made {len(self.traces)} images, each with its own stages and trace: use .traces[i]"
+            )
+        return self.traces[0]
 
 
 class HybridStitchPipeline:
@@ -245,7 +263,18 @@ class HybridStitchPipeline:
     # -- the call -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def __call__(
+    def __call__(self, *args, **kwargs) -> HybridStitchOutput:
+        """Generate images (arguments: :meth:`prepare`'s, diffusers' SD3 pipeline's names). Every image
+        takes its own stages, in engine calls shared with the others (see :mod:`hybridstitch.step`)."""
+        call = self.prepare(*args, **kwargs)  # 1-3: check, encode, prepare latents and samples
+        samples = call.samples
+        for _ in tqdm(range(max(len(s.schedule.timesteps) for s in samples)), disable=not call.progress,
+                      desc=call.config.name, leave=False):  # 4-5: the denoising loop
+            step([s for s in samples if not s.done], self.large, self.small, dtype=self.dtype, device=self.device)
+        return self.finish(call)  # 6: decode
+
+    @torch.no_grad()
+    def prepare(
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
@@ -292,7 +321,7 @@ class HybridStitchPipeline:
             negative_prompt_embeds, negative_pooled_prompt_embeds, do_cfg, num_images_per_prompt,
         )
 
-        # 3. Prepare latents: [B, C, h, w]
+        # 3. Prepare latents: [B, C, h, w], and one sample per image
         shape = (batch, self.large.spec.in_channels, h, w)
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
@@ -300,22 +329,47 @@ class HybridStitchPipeline:
             if tuple(latents.shape) != shape:
                 raise HybridStitchError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
             latents = latents.to(self.device, self.dtype)
+        samples = self.samples(latents, cond, config, num_inference_steps, guidance_scale, record_masks=record_masks)
+        for s in samples:
+            s.trace.height, s.trace.width = height, width
+        return PreparedCall(samples, config, output_type, progress, t_start)
 
-        # 4-5. Timesteps and the denoising loop
-        latents, trace = self.denoise(
-            latents, cond, config, num_inference_steps, guidance_scale, progress=progress, record_masks=record_masks
-        )
-        trace.height, trace.width = height, width
+    def samples(self, latents: torch.Tensor, cond: Conditioning, config: StitchConfig, num_inference_steps: int,
+                guidance_scale: float, schedule: list[Stage] | None = None, record_masks: bool = False,
+                first_id: int = 0) -> list[Sample]:
+        """One :class:`~hybridstitch.sample.Sample` per image of ``latents`` [B, C, h, w] with its rows of
+        ``cond`` (CFG-batched [uncond..., cond...] when guidance is on), checked against the backends."""
+        batch, _, h, w = latents.shape
+        guided = guidance_scale > 1.0
+        # Backends with fixed shapes (engines) refuse a request they cannot serve before any work.
+        self.large.validate_request(batch * (2 if guided else 1), h, w,
+                                    config.mask_ratios if config.uses_masked_large else ())
+        self.small.validate_request(batch * (2 if guided else 1), h, w)
+        timesteps = Timesteps.of(self.scheduler, num_inference_steps, latents.device)
+        samples = []
+        for i in range(batch):
+            rows = [i, batch + i] if guided else [i]  # [unconditional, conditional] side by side
+            trace = Trace(config=config.to_dict(), num_steps=num_inference_steps, height=h, width=w, batch=batch,
+                          backend=self.backend, sample=i)
+            samples.append(new_sample(first_id + i, latents[i:i + 1], cond.prompt_embeds[rows], cond.pooled[rows],
+                                      guidance_scale, config, timesteps, self.large.spec.patch_size, trace,
+                                      replay=schedule, record_masks=record_masks))
+        return samples
+
+    def finish(self, call: "PreparedCall") -> HybridStitchOutput:
+        """Step 6 of a call whose samples are done: decode, close the traces. A failed sample fails the call."""
+        samples = call.samples
+        for s in samples:
+            if s.error is not None:
+                raise s.error
+        traces = [s.trace for s in samples]
         # The mask-ratio bound t_l(r) + t_s < t_l on this run's own call times: warn once per config.
-        warn_if_bound_violated(config, trace, self.__dict__.setdefault("_latency_bound_warned", set()))
-
-        # 6. Decode
-        if output_type == "latent":
-            images = latents
-        else:
-            images = self.conditioner.decode(latents)
-        trace.total_seconds = time.perf_counter() - t_start
-        return HybridStitchOutput(images=images, trace=trace)
+        warn_if_bound_violated(call.config, traces[0], self.__dict__.setdefault("_latency_bound_warned", set()))
+        latents = torch.cat([s.latents for s in samples])
+        images = latents if call.output_type == "latent" else self.conditioner.decode(latents)
+        for trace in traces:
+            trace.total_seconds = time.perf_counter() - call.t_start
+        return HybridStitchOutput(images=images, traces=traces)
 
     def denoise(
         self,
@@ -327,66 +381,26 @@ class HybridStitchPipeline:
         schedule: list[Stage] | None = None,
         progress: bool = False,
         record_masks: bool = False,
-    ) -> tuple[torch.Tensor, Trace]:
+    ) -> tuple[torch.Tensor, list[Trace]]:
         """The denoising loop alone (steps 4-5 of ``__call__``), for callers that bring their own
         latents [B, C, h, w] and CFG-batched conditioning ([uncond..., cond...] when guidance is on).
 
-        ``schedule`` replays a fixed stage per step instead of the stage policy (latency
-        benchmarks with given switch steps); differences and masks are computed as usual.
-        Returns the final latents and the trace (``total_seconds`` = this call).
+        Every image is a :class:`~hybridstitch.sample.Sample` with its own stages, masks and KV cache;
+        each step groups the engine calls (:func:`hybridstitch.step.step`). ``schedule`` replays a
+        fixed stage per step instead of the stage policy (latency benchmarks with given switch
+        steps); differences and masks are computed as usual. Returns the final latents and one
+        trace per image (``total_seconds`` = this call).
         """
         t_start = time.perf_counter()
         if schedule is not None and len(schedule) != num_inference_steps:
             raise HybridStitchError(f"schedule has {len(schedule)} stages for {num_inference_steps} steps; give one per step")
-        # A private scheduler per request, so concurrent calls never share a step index.
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=latents.device)
-        sigmas = scheduler.sigmas.tolist()
-        p = self.large.spec.patch_size
-        batch, _, h, w = latents.shape
-        num_tokens = (h // p) * (w // p)
-        cfg_batch = batch * (2 if guidance_scale > 1.0 else 1)
-        trace = Trace(config=config.to_dict(), num_steps=num_inference_steps, height=h, width=w,
-                      batch=batch, backend=self.backend)
-        policy = StagePolicy(config, num_inference_steps) if schedule is None else ReplayPolicy(config, schedule)
-        # Backends with fixed shapes (engines) refuse a request they cannot serve before any work.
-        self.large.validate_request(cfg_batch, h, w, config.mask_ratios if config.uses_masked_large else ())
-        self.small.validate_request(cfg_batch, h, w)
-        cache = self.large.new_cache(cfg_batch, h, w) if config.needs_kv_cache else None  # this request's only
-        masks = MaskSelector(config.mask_mode, p)
-        x0_prev = None
-
-        for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc=config.name, leave=False)):
-            t_step = time.perf_counter()
-            stage = policy.stage_for_step(i)
-            rec = StepRecord(step=i, timestep=float(t), sigma=sigmas[i], stage=stage.index,
-                             stage_kind=stage.kind, d=None, mask_ratio=stage.mask_ratio)
-            index = None
-            if stage.kind == "masked":
-                if config.uses_masked_large:  # engines with fixed buckets may serve the ratio with a larger one
-                    bucket = self.large.bucket_for(stage.mask_ratio, num_tokens)
-                    rec.masked_tokens, rec.bucket_ratio = bucket.masked_tokens, bucket.ratio
-                else:  # FullLarge runs the whole large model: no bucket involved
-                    rec.masked_tokens, rec.bucket_ratio = tokens_for_ratio(stage.mask_ratio, num_tokens), stage.mask_ratio
-                index = masks.select(rec.masked_tokens)  # [B, k]
-                if record_masks:
-                    rec.mask_index = index.tolist()
-            v = denoise_step(self.large, self.small, stage, latents, cond, t, guidance_scale, cache=cache, index=index,
-                             full_large=config.stage2_large == "full", timed=call_timer(rec.seconds, self.device))
-
-            # Eq. 10 and Eq. 9 on the guided prediction
-            x0 = predict_x0(latents, v, sigmas[i])
-            if x0_prev is not None:
-                rec.d = relative_l1(x0, x0_prev)
-                if config.has_masked_stage:  # only masked stages read token scores
-                    masks.observe(x0, x0_prev)
-            policy.observe(i, rec.d)
-            x0_prev = x0
-
-            latents = scheduler.step(v, t, latents, return_dict=False)[0]
-            rec.overhead_seconds = max(0.0, time.perf_counter() - t_step - sum(rec.seconds.values()))
-            trace.steps.append(rec)
-
-        trace.switch_steps = list(policy.switch_steps)
-        trace.total_seconds = time.perf_counter() - t_start
-        return latents, trace
+        samples = self.samples(latents, cond, config, num_inference_steps, guidance_scale, schedule=schedule,
+                               record_masks=record_masks)
+        for _ in tqdm(range(num_inference_steps), disable=not progress, desc=config.name, leave=False):
+            step([s for s in samples if not s.done], self.large, self.small, dtype=self.dtype, device=self.device)
+        for s in samples:
+            if s.error is not None:
+                raise s.error
+        for trace in (s.trace for s in samples):
+            trace.total_seconds = time.perf_counter() - t_start
+        return torch.cat([s.latents for s in samples]), [s.trace for s in samples]

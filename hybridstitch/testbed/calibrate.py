@@ -87,11 +87,8 @@ class SampleRun:
 
 
 def sample(pipe, config: StitchConfig, labels, noise, steps: int, guidance_scale: float, batch_size: int) -> SampleRun:
-    """Sample ``len(labels)`` images from ``noise`` in chunks of ``batch_size`` prompts.
-
-    The policy sees each chunk's own difference d_i (Eq. 9 is over the whole batch), as a
-    server would see each request.
-    """
+    """Sample ``len(labels)`` images from ``noise`` in chunks of ``batch_size`` prompts: every image
+    with its own stages (the chunks only share engine calls). One trace per image."""
     from hybridstitch.testbed.data import prompt_for
 
     size = noise.shape[-1]
@@ -105,7 +102,7 @@ def sample(pipe, config: StitchConfig, labels, noise, steps: int, guidance_scale
                    progress=False, output_type="latent")
         wall += time.perf_counter() - t0
         out.append(res.images.float().clamp(-1.0, 1.0).cpu())
-        traces.append(res.trace)
+        traces.extend(res.traces)
     return SampleRun(torch.cat(out), traces, wall)
 
 
@@ -116,8 +113,7 @@ def measure_call_latencies(pipe, batch: int, ratios, guidance_scale: float = 1.2
 
     Each round times one full large call, one small call and one masked large call per ratio,
     in turn (:class:`~hybridstitch.bench.timer.InterleavedTimer`), so slow phases of a shared
-    machine hit every kind alike. The masked calls read a cache filled by a full large call, as
-    in a run: the large call is added first, so its warm-up fills the cache before any masked one.
+    machine hit every kind alike. The masked calls read caches made by a full large call, as in a run.
     """
     from hybridstitch.bench.timer import InterleavedTimer
     from hybridstitch.testbed.data import prompt_for
@@ -131,16 +127,16 @@ def measure_call_latencies(pipe, batch: int, ratios, guidance_scale: float = 1.2
     args = (latents, cond.prompt_embeds, cond.pooled, timestep)
     p = pipe.large.spec.patch_size
     num_tokens = (size // p) * (size // p)
-    cache = pipe.large.new_cache(b, size, size)
+    _, caches = pipe.large.forward_store(*args)
     gen = torch.Generator().manual_seed(1)
     timer = InterleavedTimer(reps=rounds, warmup=1)
-    timer.add("large", lambda: pipe.large.forward(*args, cache=cache))
+    timer.add("large", lambda: pipe.large.forward_store(*args))
     timer.add("small", lambda: pipe.small.forward(*args))
     for r in dict.fromkeys(ratios):  # each ratio once, in the order given
         k = pipe.large.bucket_for(r, num_tokens).masked_tokens
         idx = torch.stack([torch.randperm(num_tokens, generator=gen)[:k].sort().values for _ in range(batch)])  # [B, k]
         index = torch.cat([idx, idx]) if do_cfg else idx  # one mask for both CFG halves
-        timer.add(r, lambda index=index: pipe.large.forward_masked(*args, index=index, cache=cache))
+        timer.add(r, lambda index=index: pipe.large.forward_masked(*args, index, caches))
     t = timer.run()
     med = statistics.median
     return CallLatencies(med(t["large"].seconds), med(t["small"].seconds), {r: med(t[r].seconds) for r in ratios})
