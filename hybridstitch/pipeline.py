@@ -271,7 +271,7 @@ class HybridStitchPipeline:
         for _ in tqdm(range(max(len(s.schedule.timesteps) for s in samples)), disable=not call.progress,
                       desc=call.config.name, leave=False):  # 4-5: the denoising loop
             step([s for s in samples if not s.done], self.large, self.small, dtype=self.dtype, device=self.device)
-        return self.finish(call)  # 6: decode
+        return self.finish(call, _stacklevel=6)  # 6: decode
 
     @torch.no_grad()
     def prepare(
@@ -356,7 +356,7 @@ class HybridStitchPipeline:
                                       replay=schedule, record_masks=record_masks))
         return samples
 
-    def finish(self, call: "PreparedCall") -> HybridStitchOutput:
+    def finish(self, call: "PreparedCall", _stacklevel: int = 4) -> HybridStitchOutput:
         """Step 6 of a call whose samples are done: decode, close the traces. A failed sample fails the call."""
         samples = call.samples
         for s in samples:
@@ -364,7 +364,9 @@ class HybridStitchPipeline:
                 raise s.error
         traces = [s.trace for s in samples]
         # The mask-ratio bound t_l(r) + t_s < t_l on this run's own call times: warn once per config.
-        warn_if_bound_violated(call.config, traces[0], self.__dict__.setdefault("_latency_bound_warned", set()))
+        # (stacklevel: warn_if_bound_violated, finish, __call__, torch.no_grad's wrapper, the caller)
+        warn_if_bound_violated(call.config, traces[0], self.__dict__.setdefault("_latency_bound_warned", set()),
+                               stacklevel=_stacklevel - 1)
         latents = torch.cat([s.latents for s in samples])
         images = latents if call.output_type == "latent" else self.conditioner.decode(latents)
         for trace in traces:

@@ -26,6 +26,8 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import torch
+
 from .errors import HybridStitchError
 from .pipeline import HybridStitchPipeline, PreparedCall
 from .step import step
@@ -182,4 +184,27 @@ class StepScheduler:
         self.close()
 
 
-__all__ = ["SchedulerStats", "StepScheduler"]
+def run_requests(large, small, flow_scheduler, requests: list[dict], guidance_scale: float) -> list:
+    """Run ``requests`` together, step-level batched, on bare denoisers (the GPU suite's entry):
+    each a dict of ``latents`` [1, C, h, w], ``cond`` (a CFG-batched
+    :class:`~hybridstitch.conditioning.Conditioning`), ``config`` and ``num_inference_steps``.
+    Returns each request's final latents."""
+    latents = requests[0]["latents"]
+    pipe = HybridStitchPipeline(large, small, flow_scheduler, device=latents.device, dtype=latents.dtype)
+    samples, owners = [], []
+    for i, r in enumerate(requests):
+        made = pipe.samples(r["latents"], r["cond"], r["config"], r["num_inference_steps"], guidance_scale,
+                            first_id=len(samples))
+        for s in made:
+            s.owner = i
+        samples += made
+        owners.append(made)
+    while any(not s.done for s in samples):
+        step([s for s in samples if not s.done], large, small, dtype=pipe.dtype, device=pipe.device)
+    for s in samples:
+        if s.error is not None:
+            raise s.error
+    return [torch.cat([s.latents for s in made]) for made in owners]
+
+
+__all__ = ["SchedulerStats", "StepScheduler", "run_requests"]

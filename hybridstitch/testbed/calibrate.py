@@ -142,13 +142,15 @@ def measure_call_latencies(pipe, batch: int, ratios, guidance_scale: float = 1.2
     return CallLatencies(med(t["large"].seconds), med(t["small"].seconds), {r: med(t[r].seconds) for r in ratios})
 
 
-def modelled_seconds(traces, latencies: CallLatencies) -> float:
-    """Eqs. 3-8 summed over a run's chunks (each chunk priced at the measured batch's call costs)."""
-    return sum(predict_from_trace(t, latencies, by="mask_ratio").total_seconds for t in traces)
+def modelled_seconds(traces, latencies: CallLatencies, batch: int) -> float:
+    """Eqs. 3-8 over a run's images. Each image's trace lists the calls it took part in, priced at the
+    measured call costs of ``batch`` images; an image's share of a call is 1/``batch`` of it (call
+    cost grows about linearly with the batch on CPU), so the sum is the run's modelled time."""
+    return sum(predict_from_trace(t, latencies, by="mask_ratio").total_seconds for t in traces) / batch
 
 
 def mean_switch_steps(traces) -> list[float]:
-    """Element-wise mean of the chunks' switch steps (a stage a chunk never reached counts as T)."""
+    """Element-wise mean of the images' switch steps (a stage an image never reached counts as T)."""
     if not traces:
         return []
     width = max(len(t.switch_steps) for t in traces)
@@ -403,7 +405,7 @@ def run(settings: CalibrationSettings) -> dict:
         if cfg.name == "large":
             large_images, large_feats = run_.images, ref.features(run_.images)
         q = ref.evaluate(run_.images, labels, large_images, large_feats)
-        modelled = modelled_seconds(run_.traces, lat)
+        modelled = modelled_seconds(run_.traces, lat, batch)
         row = dict(name=cfg.name, method=cfg.method, mask_ratios=list(cfg.mask_ratios), thresholds=list(cfg.thresholds),
                    srdiffusion_threshold=cfg.srdiffusion_threshold, config=cfg.to_dict(),
                    mean_switch_steps=mean_switch_steps(run_.traces), stage_counts=mean_stage_counts(run_.traces),
