@@ -84,12 +84,25 @@ def rows_of(samples: Sequence[Sample], attr: str) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def text_rows(samples: Sequence[Sample], attr: str) -> torch.Tensor:
+    """The samples' text conditioning (``prompt_embeds`` or ``pooled``) as one batch. It does not
+    change while the samples run, so the batch is made once per group of samples and reused while
+    the same samples share a call (kept by the group's first sample)."""
+    if len(samples) == 1:
+        return getattr(samples[0], attr)
+    key = tuple(s.id for s in samples)
+    cached = samples[0].extra.get(attr)
+    if cached is None or cached[0] != key:
+        cached = samples[0].extra[attr] = (key, rows_of(samples, attr))
+    return cached[1]
+
+
 def _timesteps(samples: Sequence[Sample]) -> torch.Tensor:
     return torch.cat([s.timestep.reshape(1).expand(s.rows) for s in samples])  # [rows]
 
 
 def _inputs(samples: Sequence[Sample], dtype: torch.dtype) -> tuple:
-    return (rows_of(samples, "latents").to(dtype), rows_of(samples, "prompt_embeds"), rows_of(samples, "pooled"),
+    return (rows_of(samples, "latents").to(dtype), text_rows(samples, "prompt_embeds"), text_rows(samples, "pooled"),
             _timesteps(samples))
 
 
