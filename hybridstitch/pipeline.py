@@ -356,7 +356,9 @@ class HybridStitchPipeline:
             config = StitchConfig.preset(config)
         elif not isinstance(config, StitchConfig):
             raise HybridStitchError(f"config must be a StitchConfig or a preset name, got {type(config).__name__}")
-        num_inference_steps = checks.integer("num_inference_steps", num_inference_steps, minimum=1)
+        # More steps than the scheduler's training timesteps only repeats them (and 10**20 exhausts memory).
+        most = int(getattr(self.scheduler.config, "num_train_timesteps", 1000))
+        num_inference_steps = checks.integer("num_inference_steps", num_inference_steps, minimum=1, maximum=most)
         guidance_scale = checks.real("guidance_scale", guidance_scale)
         num_images_per_prompt = checks.integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
         progress, record_masks = checks.flag("progress", progress), checks.flag("record_masks", record_masks)

@@ -77,6 +77,7 @@ def test_guidance_scale_runs_from_numpy_and_ints(tiny_pipe):
     (dict(height=-64), "height must be an integer >= 1, got -64"),
     (dict(num_inference_steps=True), "num_inference_steps must be an integer, got the bool True"),
     (dict(num_inference_steps=2.5), "num_inference_steps must be an integer"),
+    (dict(num_inference_steps=2**70), "num_inference_steps must be an integer in [1, 1000]"),
     (dict(num_images_per_prompt=1.5), "num_images_per_prompt must be an integer"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt must be an integer >= 1"),
     (dict(generator=42), "generator must be a torch.Generator (e.g. torch.Generator().manual_seed(42))"),
