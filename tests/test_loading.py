@@ -71,7 +71,7 @@ def test_diffusers_key_files_take_the_config_beside_them(tmp_path, tiny_dirs, fo
     assert torch.equal(run(pipe), folder_reference)
 
 
-@pytest.mark.parametrize("stored", [torch.float8_e4m3fn, torch.float16])
+@pytest.mark.parametrize("stored", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float16])
 @pytest.mark.parametrize("asked", [torch.float32, torch.bfloat16])
 def test_files_stored_in_low_precision_are_upcast_into_the_dtype_asked(tmp_path, tiny_dirs, stored, asked):
     model = tiny_transformer("small", 1)
