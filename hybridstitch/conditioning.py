@@ -16,6 +16,7 @@ loaded (e.g. quantized to 8 bits).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in x]
 
 
+@functools.lru_cache(maxsize=None)
 def _encoder_pipeline_class():
     """diffusers' SD3 pipeline, holding no transformer (the denoisers own the transformers).
 

@@ -77,6 +77,23 @@ def default_torch_dtype(device: torch.device, large_config: dict, bf16_supported
 # -- transformers ------------------------------------------------------------------------------------
 
 
+def spec_of(ckpt: Checkpoint):
+    """The :class:`~hybridstitch.denoiser.TransformerSpec` a checkpoint's config.json describes, with
+    diffusers' defaults for the keys a hand-written config leaves out -- read before any weight loads."""
+    import inspect
+
+    from diffusers import SD3Transformer2DModel
+
+    from .denoiser import TransformerSpec
+
+    params = inspect.signature(SD3Transformer2DModel.__init__).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    try:
+        return TransformerSpec.from_config({**defaults, **ckpt.config()})
+    except (TypeError, ValueError) as e:
+        raise HybridStitchError(f"{ckpt.config_path} has an invalid value ({e}); is it an SD3 transformer config?") from e
+
+
 def _check_single_file(path: str, role: str) -> None:
     """Refuse files that are not an SD3 transformer, or whose weights diffusers would load wrongly,
     from the header alone (no tensor is read)."""
@@ -309,6 +326,7 @@ __all__ = [
     "load_sd3_conditioner",
     "load_transformer",
     "parse_device",
+    "spec_of",
     "read_json",
     "register_conditioner",
     "resolve_checkpoint",

@@ -114,7 +114,7 @@ class HybridStitchPipeline:
 
         from .checkpoints import resolve_checkpoint
         from .loading import (check_dtype, conditioner_folder_of, default_torch_dtype, load_placed_conditioner,
-                              load_scheduler, load_transformer, parse_device)
+                              load_scheduler, load_transformer, parse_device, spec_of)
 
         # Everything that can be refused without loading a weight is checked first.
         device = parse_device(device)
@@ -122,12 +122,13 @@ class HybridStitchPipeline:
         torch_dtype = check_dtype(torch_dtype)
         large_ckpt = resolve_checkpoint(large, "large", large_config)
         small_ckpt = resolve_checkpoint(small, "small", small_config)
-        check_pair(TransformerSpec.from_config(large_ckpt.config()), TransformerSpec.from_config(small_ckpt.config()))
+        check_pair(spec_of(large_ckpt), spec_of(small_ckpt))
         folder = conditioner_folder_of(conditioner_folder, large_ckpt.pipeline_folder)
         dtype = torch_dtype or default_torch_dtype(device, large_ckpt.config())
 
         large_model = load_transformer(large_ckpt, "large", dtype).to(device)
         small_model = load_transformer(small_ckpt, "small", dtype).to(device)
+        check_pair(TransformerSpec.from_config(large_model.config), TransformerSpec.from_config(small_model.config))
         # None: each conditioner loader's own default (float32 for SD3 folders), as when the user passes none.
         cond_dtype = torch_dtype or (None if dtype == torch.float32 else dtype)
         conditioner = load_placed_conditioner(folder, cond_dtype, options, large_model.config.joint_attention_dim, device)

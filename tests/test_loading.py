@@ -304,3 +304,20 @@ def test_encoders_on_the_cpu_feed_cuda_transformers(tiny_sd3_dirs, sd3_reference
     assert pipe.conditioner.pipe.text_encoder.device.type == "cpu" and pipe.conditioner.pipe.vae.device.type == "cuda"
     image = sd3_image(pipe)
     assert image.size == (64, 64)
+
+
+def test_a_hand_written_config_beside_a_file_takes_diffusers_defaults(tmp_path, tiny_dirs):
+    import json
+
+    model = tiny_transformer("small", 1)
+    path = write_single_file(str(tmp_path / "small.safetensors"), model)
+    keep = ("num_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim", "pooled_projection_dim",
+            "caption_projection_dim", "sample_size", "pos_embed_max_size")  # in_channels, patch_size... left out
+    (tmp_path / "config.json").write_text(json.dumps({k: model.config[k] for k in keep}))
+    pipe = HybridStitchPipeline.from_pretrained(large=tiny_dirs[0], small=path)
+    assert pipe.small.spec.in_channels == 16 and pipe.small.spec.patch_size == 2
+    (tmp_path / "config.json").write_text(json.dumps({**{k: model.config[k] for k in keep}, "in_channels": "x"}))
+    expect_error("has an invalid value", lambda: HybridStitchPipeline.from_pretrained(large=tiny_dirs[0], small=path))
+    (tmp_path / "config.json").write_text("[1, 2]")
+    expect_error("holds a JSON list, not an object", lambda: HybridStitchPipeline.from_pretrained(
+        large=tiny_dirs[0], small=path))
