@@ -106,7 +106,7 @@ def _generate(args) -> int:
     for path in paths:
         check_output_file(path, "--out")
     if args.trace:
-        check_output_file(args.trace, "--trace")
+        check_output_file(args.trace, "--trace", "trace.json")
         if os.path.abspath(args.trace) in map(os.path.abspath, paths):
             raise HybridStitchError(f"--trace {args.trace} is also an image path; give the trace its own file")
     if args.threads:

@@ -29,13 +29,14 @@ def _check_writable_parent(path: str, flag: str) -> None:
         raise HybridStitchError(f"{flag} {path}: cannot write in {anchor} (permission denied); choose another path")
 
 
-def check_output_file(path: str, flag: str) -> None:
-    """``path`` can be written as a file (an existing file there is replaced)."""
+def check_output_file(path: str, flag: str, example: str = "image.png") -> None:
+    """``path`` can be written as a file (an existing file there is replaced); ``example`` names a
+    file the message suggests when ``path`` is a folder."""
     if not path:
         raise HybridStitchError(f"{flag} is empty; give a file path")
     if os.path.isdir(path):
         raise HybridStitchError(
-            f"{flag} {path} is a folder; give a file path (e.g. {os.path.join(path, 'image.png')})"
+            f"{flag} {path} is a folder; give a file path (e.g. {os.path.join(path, example)})"
         )
     _check_writable_parent(path, flag)
 

@@ -41,7 +41,7 @@ def test_generate_refuses_folder_outputs_before_loading(tmp_path, capsys):
     one_line_error(capsys, f"--out {tmp_path} is a folder; give a file path")
     assert main(["generate", "--large", missing, "--small", missing, *PROMPT, "--out", str(tmp_path / "x.png"),
                  "--trace", str(tmp_path)]) == 2
-    one_line_error(capsys, f"--trace {tmp_path} is a folder")
+    one_line_error(capsys, f"--trace {tmp_path} is a folder; give a file path (e.g. {tmp_path}/trace.json)")
     assert main(["generate", "--large", missing, "--small", missing, *PROMPT, "--out",
                  str(tmp_path / "keep.png" / "x.png")]) == 2
     one_line_error(capsys, "is a file, so no folder can be made there")
