@@ -8,6 +8,7 @@ models through the :class:`~hybridstitch.denoiser.Denoiser` interface only, so a
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .conditioning import Conditioning, no_conditioner_error
+from . import checks
+from .conditioning import Conditioning, EncoderOptions, no_conditioner_error
 from .config import StitchConfig
 from .denoiser import Denoiser, MaskedDenoiser, TransformerSpec, check_pair
 from .errors import HybridStitchError
@@ -54,6 +56,16 @@ class HybridStitchOutput:
         return self.traces[0]
 
 
+def draw_noise(shape: tuple[int, ...], generator) -> torch.Tensor:
+    """Float32 noise drawn on the generator's device (the CPU without one), so a CUDA generator
+    works as in diffusers, and one generator per image gives each image its own stream."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    first = generator[0] if isinstance(generator, list) else generator
+    device = first.device if first is not None else torch.device("cpu")
+    return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+
 class HybridStitchPipeline:
     """HybridStitch over a large and a small SD3-family transformer."""
 
@@ -67,6 +79,7 @@ class HybridStitchPipeline:
         dtype: torch.dtype = torch.float32,
         default_sample_size: int | None = None,
         vae_scale_factor: int | None = None,
+        encoders: str = "device",
     ):
         check_pair(large.spec, small.spec)
         self.large = large
@@ -81,6 +94,7 @@ class HybridStitchPipeline:
         self.vae_scale_factor = vae_scale_factor
         self.default_sample_size = default_sample_size
         self.backend = getattr(large, "backend", "torch")
+        self.encoders = EncoderOptions(encoders).placement  # "none": prompts are refused, prompt_embeds required
 
     # -- construction ----------------------------------------------------------------------
 
@@ -91,28 +105,60 @@ class HybridStitchPipeline:
         small: str,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
+        *,
+        large_config: str | None = None,
+        small_config: str | None = None,
+        conditioner_folder: str | None = None,
+        encoders: str = "device",
+        text_encoder_3: Any = "load",
     ) -> "HybridStitchPipeline":
-        """Load two local diffusers folders (large, small). Text encoders and VAE are shared and
-        come from the large folder; folders with only ``transformer/`` work with ``prompt_embeds``
-        and ``output_type="latent"``."""
+        """Load the large and small transformers from local disk, each from a diffusers pipeline or
+        transformer folder, a Hugging Face cache entry (repo folder, snapshot folder, or a cached
+        repo id) or a single ``.safetensors`` file (SAI's or diffusers' keys, fp8 upcast to the dtype).
+
+        A single file carries no config: ``large_config`` / ``small_config`` name a local folder (or
+        config.json) of the same model, else a ``config.json`` beside the file is read; nothing is
+        fetched from the Hub. ``torch_dtype`` None: bfloat16 for a large model with qk-norm (SD3.5)
+        on a CUDA device with bf16, float32 otherwise (:func:`~hybridstitch.loading.default_torch_dtype`).
+
+        Text encoders and VAE come from ``conditioner_folder``, else from the large checkpoint's
+        pipeline folder (a single file's config folder when that is a pipeline folder); without
+        them pass ``prompt_embeds`` and ``output_type="latent"``. ``encoders``: ``"device"`` (with
+        the transformers), ``"cpu"`` (text encoders on the CPU) or ``"none"`` (not loaded; pass
+        ``prompt_embeds``). ``text_encoder_3``: ``"load"``, ``"none"`` (drop T5; its tokens are
+        zero-padded, as diffusers does) or a loaded T5 encoder module (e.g. 8-bit).
+        """
         from hybridstitch.engine.torch_backend import TorchDenoiser
 
-        from .loading import load_conditioner, load_scheduler, load_transformer
+        from .checkpoints import resolve_checkpoint
+        from .loading import (check_dtype, conditioner_folder_of, default_torch_dtype, load_placed_conditioner,
+                              load_scheduler, load_transformer, parse_device, spec_of)
 
-        large_model = load_transformer(large, "large", torch_dtype).to(device)
-        small_model = load_transformer(small, "small", torch_dtype).to(device)
+        # Everything that can be refused without loading a weight is checked first.
+        device = parse_device(device)
+        options = EncoderOptions(encoders, text_encoder_3)
+        torch_dtype = check_dtype(torch_dtype)
+        large_ckpt = resolve_checkpoint(large, "large", large_config)
+        small_ckpt = resolve_checkpoint(small, "small", small_config)
+        check_pair(spec_of(large_ckpt), spec_of(small_ckpt))
+        folder = conditioner_folder_of(conditioner_folder, large_ckpt.pipeline_folder)
+        dtype = torch_dtype or default_torch_dtype(device, large_ckpt.config())
+
+        large_model = load_transformer(large_ckpt, "large", dtype).to(device)
+        small_model = load_transformer(small_ckpt, "small", dtype).to(device)
         check_pair(TransformerSpec.from_config(large_model.config), TransformerSpec.from_config(small_model.config))
-        conditioner = load_conditioner(large, torch_dtype)
-        if conditioner is not None:
-            conditioner.to(device)
+        # None: each conditioner loader's own default (float32 for SD3 folders), as when the user passes none.
+        cond_dtype = torch_dtype or (None if dtype == torch.float32 else dtype)
+        conditioner = load_placed_conditioner(folder, cond_dtype, options, large_model.config.joint_attention_dim, device)
         return cls(
             TorchDenoiser(large_model, "large"),
             TorchDenoiser(small_model, "small"),
-            load_scheduler(large),
+            load_scheduler(large_ckpt.pipeline_folder or folder),
             conditioner,
             device=device,
-            dtype=torch_dtype or torch.float32,
+            dtype=dtype,
             default_sample_size=large_model.config.sample_size,
+            encoders=options.placement,
         )
 
     @classmethod
@@ -126,6 +172,9 @@ class HybridStitchPipeline:
         check_weights: bool = True,
         verify_files: bool = True,
         torch_dtype: torch.dtype | None = None,
+        *,
+        encoders: str = "device",
+        text_encoder_3: Any = "load",
     ) -> "HybridStitchPipeline":
         """Run the method on exported engines (``hybridstitch-export --out engine_dir``).
 
@@ -133,18 +182,22 @@ class HybridStitchPipeline:
         anything runs; requests are then checked against the manifest's resolution, batch and
         buckets. The text encoders / VAE come from ``conditioner_folder``, else from the large
         checkpoint folder recorded in the manifest (none: pass ``prompt_embeds`` and
-        ``output_type="latent"``). ``backend`` (``"onnxruntime"`` or ``"tensorrt"``) defaults to the
+        ``output_type="latent"``); ``encoders`` and ``text_encoder_3`` place or drop them as in
+        :meth:`from_pretrained`. ``backend`` (``"onnxruntime"`` or ``"tensorrt"``) defaults to the
         manifest's (to onnxruntime when ``providers`` or ``num_threads`` is given); ``providers`` (CPU
         by default; ``"cuda"``, ``"tensorrt"`` with onnxruntime-gpu) and ``num_threads`` go to ONNX
         Runtime. TensorRT engines load the folder's build for this GPU
         (:func:`hybridstitch.engine.tensorrt_backend.load_engines`).
         """
-        import os
-
-        from .loading import load_conditioner
+        from .loading import check_dtype, conditioner_folder_of, load_placed_conditioner
 
         if backend not in (None, "onnxruntime", "tensorrt"):
             raise HybridStitchError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt (or None: the manifest's)")
+        if num_threads is not None:
+            num_threads = checks.integer("num_threads", num_threads, minimum=1)
+        options = EncoderOptions(encoders, text_encoder_3)
+        torch_dtype = check_dtype(torch_dtype)
+        conditioner_folder = conditioner_folder_of(conditioner_folder, None)
         if backend is None and providers is None and num_threads is None:  # else: ONNX Runtime settings were given
             from hybridstitch.engine.manifest import read_manifest
 
@@ -162,17 +215,15 @@ class HybridStitchPipeline:
                                    check_weights=check_weights, verify_files=verify_files)
         manifest = engines.manifest
         vae_scale = int(manifest.resolution["vae_scale_factor"])
-        if conditioner_folder is not None and not os.path.isdir(conditioner_folder):
-            raise HybridStitchError(f"conditioner_folder {conditioner_folder!r} does not exist or is not a folder")
-        folder = conditioner_folder or manifest.models["large"]["path"]
-        conditioner = load_conditioner(folder, torch_dtype) if os.path.isdir(folder) else None
-        if conditioner is not None:
-            if conditioner.vae_scale_factor != vae_scale:
-                raise HybridStitchError(
-                    f"the conditioner in {folder} has VAE scale factor {conditioner.vae_scale_factor}, the engines were "
-                    f"exported for {vae_scale}; use the conditioner of the exported checkpoints"
-                )
-            conditioner.to(engines.device)
+        recorded = manifest.models["large"]["path"]
+        folder = conditioner_folder or (recorded if os.path.isdir(recorded) else None)
+        conditioner = load_placed_conditioner(folder, torch_dtype, options, engines.large.spec.joint_attention_dim,
+                                              engines.device)
+        if conditioner is not None and conditioner.vae_scale_factor != vae_scale:
+            raise HybridStitchError(
+                f"the conditioner in {folder} has VAE scale factor {conditioner.vae_scale_factor}, the engines were "
+                f"exported for {vae_scale}; use the conditioner of the exported checkpoints"
+            )
         return cls(
             engines.large,
             engines.small,
@@ -182,14 +233,19 @@ class HybridStitchPipeline:
             dtype=torch_dtype or torch.float32,
             default_sample_size=int(manifest.resolution["latent_height"]),
             vae_scale_factor=vae_scale,
+            encoders=options.placement,
         )
 
     # -- checks ------------------------------------------------------------------------------
 
-    def _check_size(self, height: int, width: int) -> tuple[int, int]:
+    def _check_size(self, height, width) -> tuple[int, int]:
+        """Pixels -> latent size [h, w]; None means the model's default size."""
+        default = (self.default_sample_size or 128) * self.vae_scale_factor
+        height = default if height is None else checks.integer("height", height, minimum=1)
+        width = default if width is None else checks.integer("width", width, minimum=1)
         p = self.large.spec.patch_size
         mult = self.vae_scale_factor * p
-        if height <= 0 or width <= 0 or height % mult or width % mult:
+        if height % mult or width % mult:
             raise HybridStitchError(
                 f"height and width must be positive multiples of {mult} (VAE scale {self.vae_scale_factor} x patch {p}); "
                 f"got {height}x{width}. Try {max(mult, height // mult * mult)}x{max(mult, width // mult * mult)}"
@@ -205,60 +261,88 @@ class HybridStitchPipeline:
                 )
         return h, w
 
-    def _conditioning(
+    def _text_request(
         self, prompt, negative_prompt, prompt_embeds, pooled_prompt_embeds,
         negative_prompt_embeds, negative_pooled_prompt_embeds, do_cfg, num_images_per_prompt,
-    ) -> tuple[Conditioning, int]:
+    ) -> tuple[tuple, int]:
+        """Check the text inputs without encoding anything: ``(("text", prompts, negs) | ("embeds", pe, ppe, npe,
+        nppe), batch)`` with ``batch`` = images in the request."""
         if (prompt is None) == (prompt_embeds is None):
             raise HybridStitchError("pass exactly one of `prompt` or `prompt_embeds` (with `pooled_prompt_embeds`)")
         if prompt is not None:
+            prompts = checks.prompts("prompt", prompt)
+            if negative_prompt_embeds is not None or negative_pooled_prompt_embeds is not None:
+                raise HybridStitchError("negative_prompt_embeds go with prompt_embeds; with `prompt` pass `negative_prompt` text")
+            if self.encoders == "none":
+                raise HybridStitchError(
+                    "this pipeline was loaded with encoders='none' (no text encoders): pass prompt_embeds and "
+                    "pooled_prompt_embeds (and the negative ones when guidance_scale > 1), or load it with "
+                    "encoders='device' or 'cpu'"
+                )
             if self.conditioner is None:
                 raise no_conditioner_error()
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if negative_prompt is None:
-                negs = [""] * len(prompts)
-            else:
-                negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-                if len(negs) == 1 and len(prompts) > 1:
-                    negs = negs * len(prompts)
-                if len(negs) != len(prompts):
-                    raise HybridStitchError(
-                        f"got {len(prompts)} prompts but {len(negs)} negative prompts; pass one negative prompt or one per prompt"
-                    )
-            prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-            negs = [n for n in negs for _ in range(num_images_per_prompt)]
-            cond = self.conditioner.encode(prompts, negs, do_cfg, self.device)
-            return Conditioning(cond.prompt_embeds.to(self.dtype), cond.pooled.to(self.dtype)), len(prompts)
+            negs = [""] * len(prompts) if negative_prompt is None else checks.prompts("negative_prompt", negative_prompt)
+            if len(negs) == 1 and len(prompts) > 1:
+                negs = negs * len(prompts)
+            if len(negs) != len(prompts):
+                raise HybridStitchError(
+                    f"got {len(prompts)} prompts but {len(negs)} negative prompts; pass one negative prompt or one per prompt"
+                )
+            return ("text", prompts, negs), len(prompts) * num_images_per_prompt
 
+        if negative_prompt is not None:
+            raise HybridStitchError("negative_prompt is text and goes with `prompt`; with prompt_embeds pass negative_prompt_embeds")
         if pooled_prompt_embeds is None:
             raise HybridStitchError("`prompt_embeds` needs `pooled_prompt_embeds` too (as in diffusers' SD3 pipeline)")
         spec = self.large.spec
-        if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != spec.joint_attention_dim:
+        pe = checks.tensor("prompt_embeds", prompt_embeds, ndim=3)
+        ppe = checks.tensor("pooled_prompt_embeds", pooled_prompt_embeds, ndim=2)
+        if pe.shape[0] < 1 or pe.shape[1] < 1 or pe.shape[-1] != spec.joint_attention_dim:
             raise HybridStitchError(
-                f"prompt_embeds must be [batch, tokens, {spec.joint_attention_dim}], got {list(prompt_embeds.shape)}"
+                f"prompt_embeds must be [batch >= 1, tokens >= 1, {spec.joint_attention_dim}], got {list(pe.shape)}"
             )
-        if pooled_prompt_embeds.shape != (prompt_embeds.shape[0], spec.pooled_projection_dim):
+        if ppe.shape != (pe.shape[0], spec.pooled_projection_dim):
             raise HybridStitchError(
-                f"pooled_prompt_embeds must be [{prompt_embeds.shape[0]}, {spec.pooled_projection_dim}], "
-                f"got {list(pooled_prompt_embeds.shape)}"
+                f"pooled_prompt_embeds must be [{pe.shape[0]}, {spec.pooled_projection_dim}], got {list(ppe.shape)}"
             )
-        pe, ppe = prompt_embeds, pooled_prompt_embeds
-        if num_images_per_prompt > 1:
-            pe, ppe = pe.repeat_interleave(num_images_per_prompt, 0), ppe.repeat_interleave(num_images_per_prompt, 0)
-        batch = pe.shape[0]
+        npe = nppe = None
         if do_cfg:
             if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
                 raise HybridStitchError(
                     "guidance_scale > 1 with prompt_embeds needs negative_prompt_embeds and negative_pooled_prompt_embeds "
                     "(or set guidance_scale=1.0 to turn guidance off)"
                 )
-            npe, nppe = negative_prompt_embeds, negative_pooled_prompt_embeds
-            if npe.shape != prompt_embeds.shape or nppe.shape != pooled_prompt_embeds.shape:
+            npe = checks.tensor("negative_prompt_embeds", negative_prompt_embeds, ndim=3)
+            nppe = checks.tensor("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, ndim=2)
+            if npe.shape != pe.shape or nppe.shape != ppe.shape:
                 raise HybridStitchError("negative_prompt_embeds / negative_pooled_prompt_embeds must match the positive ones' shapes")
-            if num_images_per_prompt > 1:
-                npe, nppe = npe.repeat_interleave(num_images_per_prompt, 0), nppe.repeat_interleave(num_images_per_prompt, 0)
-            pe, ppe = torch.cat([npe, pe]), torch.cat([nppe, ppe])
-        return Conditioning(pe.to(self.device, self.dtype), ppe.to(self.device, self.dtype)), batch
+        return ("embeds", pe, ppe, npe, nppe), pe.shape[0] * num_images_per_prompt
+
+    def _conditioning(self, request: tuple, do_cfg: bool, num_images_per_prompt: int) -> Conditioning:
+        """The checked text request (:meth:`_text_request`) as CFG-batched conditioning on the
+        transformers' device and dtype."""
+        n = num_images_per_prompt
+        if request[0] == "text":
+            _, prompts, negs = request
+            prompts = [p for p in prompts for _ in range(n)]
+            negs = [q for q in negs for _ in range(n)]
+            cond = self.conditioner.encode(prompts, negs, do_cfg, self.device)
+            pe, ppe = cond.prompt_embeds, cond.pooled
+            if not (torch.isfinite(pe).all() and torch.isfinite(ppe).all()):
+                raise HybridStitchError(
+                    "the text encoders returned NaN or infinite embeddings (T5 overflows in float16): load the pipeline "
+                    "with torch_dtype=torch.bfloat16 or torch.float32"
+                )
+        else:
+            _, pe, ppe, npe, nppe = request
+            if n > 1:
+                pe, ppe = pe.repeat_interleave(n, 0), ppe.repeat_interleave(n, 0)
+            if do_cfg:
+                if n > 1:
+                    npe, nppe = npe.repeat_interleave(n, 0), nppe.repeat_interleave(n, 0)
+                pe, ppe = torch.cat([npe.to(pe.device), pe]), torch.cat([nppe.to(ppe.device), ppe])
+        # Text encoders may run elsewhere (encoders="cpu"): the embeddings go to the transformers.
+        return Conditioning(pe.to(self.device, self.dtype), ppe.to(self.device, self.dtype))
 
     # -- the call -----------------------------------------------------------------------------
 
@@ -283,7 +367,7 @@ class HybridStitchPipeline:
         guidance_scale: float = 7.0,
         height: int | None = None,
         width: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
@@ -293,42 +377,46 @@ class HybridStitchPipeline:
         output_type: str = "pil",
         progress: bool = True,
         record_masks: bool = False,
-    ) -> HybridStitchOutput:
+    ) -> PreparedCall:
+        """Steps 1-3 of a call: check every argument, encode the prompts, draw the noise, and make one
+        :class:`~hybridstitch.sample.Sample` per image. Bad input raises here, before any model work."""
         t_start = time.perf_counter()
-        # 1. Check inputs
+        # 1. Check inputs: every argument, before any work (no text encoded, no noise drawn)
         if config is None:
             config = StitchConfig.preset(DEFAULT_PRESET)
         elif isinstance(config, str):
             config = StitchConfig.preset(config)
         elif not isinstance(config, StitchConfig):
             raise HybridStitchError(f"config must be a StitchConfig or a preset name, got {type(config).__name__}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise HybridStitchError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if output_type not in ("pil", "latent"):
+        # More steps than the scheduler's training timesteps only repeats them (and 10**20 exhausts memory).
+        most = int(getattr(self.scheduler.config, "num_train_timesteps", 1000))
+        num_inference_steps = checks.integer("num_inference_steps", num_inference_steps, minimum=1, maximum=most)
+        guidance_scale = checks.real("guidance_scale", guidance_scale)
+        num_images_per_prompt = checks.integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        progress, record_masks = checks.flag("progress", progress), checks.flag("record_masks", record_masks)
+        if not isinstance(output_type, str) or output_type not in ("pil", "latent"):
             raise HybridStitchError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         if output_type == "pil" and self.conditioner is None:
             raise no_conditioner_error()
-        if num_images_per_prompt < 1:
-            raise HybridStitchError("num_images_per_prompt must be >= 1")
-        default = (self.default_sample_size or 128) * self.vae_scale_factor
-        height, width = height or default, width or default
         h, w = self._check_size(height, width)
+        height, width = h * self.vae_scale_factor, w * self.vae_scale_factor
         do_cfg = guidance_scale > 1.0
-
-        # 2. Encode the prompt (shared by both models)
-        cond, batch = self._conditioning(
+        request, batch = self._text_request(
             prompt, negative_prompt, prompt_embeds, pooled_prompt_embeds,
             negative_prompt_embeds, negative_pooled_prompt_embeds, do_cfg, num_images_per_prompt,
         )
-
-        # 3. Prepare latents: [B, C, h, w], and one sample per image
-        shape = (batch, self.large.spec.in_channels, h, w)
-        if latents is None:
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
-        else:
+        generator = checks.generators(generator, batch)
+        shape = (batch, self.large.spec.in_channels, h, w)  # [B, C, h, w]
+        if latents is not None:
+            latents = checks.tensor("latents", latents, ndim=4)
             if tuple(latents.shape) != shape:
                 raise HybridStitchError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
-            latents = latents.to(self.device, self.dtype)
+
+        # 2. Encode the prompt (shared by both models)
+        cond = self._conditioning(request, do_cfg, num_images_per_prompt)
+
+        # 3. Prepare latents: [B, C, h, w], and one sample per image
+        latents = (draw_noise(shape, generator) if latents is None else latents).to(self.device, self.dtype)
         samples = self.samples(latents, cond, config, num_inference_steps, guidance_scale, record_masks=record_masks)
         for s in samples:
             s.trace.height, s.trace.width = height, width

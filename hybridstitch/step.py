@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import kvcache
+from .checks import check_finite
 from .errors import HybridStitchError
 from .metrics import predict_x0, relative_l1
 from .sample import Sample, euler_step
@@ -245,12 +246,10 @@ def _step(samples: Sequence[Sample], large, small, dtype: torch.dtype, device: t
         s.policy.observe(s.step, rec.d)
         s.x0_prev = x0
         s.latents = euler_step(s.latents, v, sigmas[s.step], sigmas[s.step + 1])
-        if not bool(torch.isfinite(s.latents).all()):
-            s.error = HybridStitchError(
-                f"the latents became non-finite (NaN or inf) at step {s.step} ({s.stage.kind} stage, "
-                f"{s.config.name}): the inputs or the engines produced out-of-range values; check the conditioning "
-                "for NaN/inf, and with fp16 engines keep the overflowing blocks in fp32 (--fp32-blocks)"
-            )
+        try:
+            check_finite(s.latents, s.step, s.stage.kind, samples=[s.trace.sample])
+        except HybridStitchError as error:  # this image stops; the others of its step go on
+            s.error = error
             continue
         if s.caches is not None and s.policy.stage.kind == "small":
             s.caches = None  # no masked step is left: the cache is dead weight

@@ -23,8 +23,10 @@ def test_demo_writes_every_file_it_promises(tmp_path, capsys):
     assert any(s["mask_index"] for t in traces for s in t["steps"])  # the masks picture has something to show
     assert "speed-up" in capsys.readouterr().out
 
-    # A second run reuses the exported engines instead of exporting again.
+    # A second run reuses the exported engines instead of exporting again -- also without guidance
+    # (the engines were exported for the CFG batch; the graphs take any batch).
     manifest = out / "engines" / "manifest.json"
     before = manifest.stat().st_mtime_ns
-    run_demo(out_dir=str(out), prompts=prompts, steps=3, progress=False)
+    summary = run_demo(out_dir=str(out), prompts=prompts, steps=3, guidance_scale=1.0, progress=False)
     assert manifest.stat().st_mtime_ns == before
+    assert summary["methods"]["hybridstitch"]["stage_counts"]

@@ -383,7 +383,10 @@ def run(settings: CalibrationSettings) -> dict:
 
     from .calibration_report import presets_source, render_markdown, scatter_png
 
+    from hybridstitch.outputs import check_output_folder
+
     s = settings
+    check_output_folder(s.out, "--out")  # before the sweep's hour of work, not after it
     torch.set_num_threads(s.threads)
     t_start = time.perf_counter()
     pipe = load_testbed_pipeline()
