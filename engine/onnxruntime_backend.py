@@ -12,7 +12,7 @@ shapes and dtypes against the manifest. A request is checked against the manifes
 
 Runtime:
 
-* Two ``InferenceSession``\ s, made once: the small graph and THE large graph, so the large
+* Two ``InferenceSession`` objects, made once: the small graph and THE large graph, so the large
   weights are held once. The large graph takes any number of masked tokens k: a masked step
   runs it on ``ceil(r * N)`` tokens (exactly: no bucket rounds it up; the trace's
   ``bucket_ratio`` equals the mask ratio), the full step at k = N with every position.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from .denoiser import Denoiser, MaskedDenoiser, TransformerSpec, check_pair
 from .errors import HybridStitchError
 from .latency_model import warn_if_bound_violated
 from .policy import Stage
-from .sample import Sample, Timesteps, new_sample
+from .sample import Sample, Timesteps, draw_noise, new_sample
 from .step import step
 from .trace import Trace
 
@@ -56,16 +57,6 @@ class HybridStitchOutput:
         return self.traces[0]
 
 
-def draw_noise(shape: tuple[int, ...], generator) -> torch.Tensor:
-    """Float32 noise drawn on the generator's device (the CPU without one), so a CUDA generator
-    works as in diffusers, and one generator per image gives each image its own stream."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    first = generator[0] if isinstance(generator, list) else generator
-    device = first.device if first is not None else torch.device("cpu")
-    return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-
-
 class HybridStitchPipeline:
     """HybridStitch over a large and a small SD3-family transformer."""
 
@@ -80,6 +71,7 @@ class HybridStitchPipeline:
         default_sample_size: int | None = None,
         vae_scale_factor: int | None = None,
         encoders: str = "device",
+        concurrent_stage2: bool = False,
     ):
         check_pair(large.spec, small.spec)
         self.large = large
@@ -95,6 +87,15 @@ class HybridStitchPipeline:
         self.default_sample_size = default_sample_size
         self.backend = getattr(large, "backend", "torch")
         self.encoders = EncoderOptions(encoders).placement  # "none": prompts are refused, prompt_embeds required
+        # Stage 2's small call in a second thread, beside the masked large call (see :meth:`advance`).
+        self.stage2_pool = ThreadPoolExecutor(1, thread_name_prefix="hybridstitch-small") if concurrent_stage2 else None
+
+    def advance(self, samples) -> int:
+        """One step of every sample not yet done (:func:`hybridstitch.step.step`); returns the engine calls.
+        With ``concurrent_stage2`` the small call runs in a second thread while this one runs the large
+        calls: it pays when the engines leave the device (CPU cores, GPU streams) partly idle."""
+        return step([s for s in samples if not s.done], self.large, self.small, dtype=self.dtype, device=self.device,
+                    pool=self.stage2_pool)
 
     # -- construction ----------------------------------------------------------------------
 
@@ -175,6 +176,7 @@ class HybridStitchPipeline:
         *,
         encoders: str = "device",
         text_encoder_3: Any = "load",
+        concurrent_stage2: bool = False,
     ) -> "HybridStitchPipeline":
         """Run the method on exported engines (``hybridstitch-export --out engine_dir``).
 
@@ -187,7 +189,7 @@ class HybridStitchPipeline:
         manifest's (to onnxruntime when ``providers`` or ``num_threads`` is given); ``providers`` (CPU
         by default; ``"cuda"``, ``"tensorrt"`` with onnxruntime-gpu) and ``num_threads`` go to ONNX
         Runtime. TensorRT engines load the folder's build for this GPU
-        (:func:`hybridstitch.engine.tensorrt_backend.load_engines`).
+        (:func:`hybridstitch.engine.tensorrt_backend.load_engines`). ``concurrent_stage2``: see :meth:`advance`.
         """
         from .loading import check_dtype, conditioner_folder_of, load_placed_conditioner
 
@@ -234,6 +236,7 @@ class HybridStitchPipeline:
             default_sample_size=int(manifest.resolution["latent_height"]),
             vae_scale_factor=vae_scale,
             encoders=options.placement,
+            concurrent_stage2=concurrent_stage2,
         )
 
     # -- checks ------------------------------------------------------------------------------
@@ -354,7 +357,7 @@ class HybridStitchPipeline:
         samples = call.samples
         for _ in tqdm(range(max(len(s.schedule.timesteps) for s in samples)), disable=not call.progress,
                       desc=call.config.name, leave=False):  # 4-5: the denoising loop
-            step([s for s in samples if not s.done], self.large, self.small, dtype=self.dtype, device=self.device)
+            self.advance(samples)
         return self.finish(call, _stacklevel=6)  # 6: decode
 
     @torch.no_grad()
@@ -487,7 +490,7 @@ class HybridStitchPipeline:
         samples = self.samples(latents, cond, config, num_inference_steps, guidance_scale, schedule=schedule,
                                record_masks=record_masks)
         for _ in tqdm(range(num_inference_steps), disable=not progress, desc=config.name, leave=False):
-            step([s for s in samples if not s.done], self.large, self.small, dtype=self.dtype, device=self.device)
+            self.advance(samples)
         for s in samples:
             if s.error is not None:
                 raise s.error

@@ -104,4 +104,15 @@ def new_sample(id: int, latents: torch.Tensor, prompt_embeds: torch.Tensor, pool
                   trace=trace, num_tokens=(h // patch) * (w // patch), record_masks=record_masks, owner=owner)
 
 
-__all__ = ["Sample", "Timesteps", "euler_step", "new_sample"]
+
+def draw_noise(shape: tuple[int, ...], generator) -> torch.Tensor:
+    """Float32 noise drawn on the generator's device (the CPU without one), so a CUDA generator
+    works as in diffusers, and one generator per image gives each image its own stream."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    first = generator[0] if isinstance(generator, list) else generator
+    device = first.device if first is not None else torch.device("cpu")
+    return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+__all__ = ["Sample", "Timesteps", "draw_noise", "euler_step", "new_sample"]

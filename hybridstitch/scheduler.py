@@ -30,7 +30,6 @@ import torch
 
 from .errors import HybridStitchError
 from .pipeline import HybridStitchPipeline, PreparedCall
-from .step import step
 
 
 @dataclass
@@ -119,8 +118,7 @@ class StepScheduler:
             return False
         samples = [s for r in self._running for s in r.call.samples if not s.done]
         if samples:
-            self.stats.engine_calls += step(samples, self.pipe.large, self.pipe.small, dtype=self.pipe.dtype,
-                                            device=self.pipe.device)
+            self.stats.engine_calls += self.pipe.advance(samples)
             self.stats.ticks += 1
             self.stats.samples_per_tick.append(len(samples))
         for request in [r for r in self._running if all(s.done for s in r.call.samples)]:
@@ -200,7 +198,7 @@ def run_requests(large, small, flow_scheduler, requests: list[dict], guidance_sc
         samples += made
         owners.append(made)
     while any(not s.done for s in samples):
-        step([s for s in samples if not s.done], large, small, dtype=pipe.dtype, device=pipe.device)
+        pipe.advance(samples)
     for s in samples:
         if s.error is not None:
             raise s.error

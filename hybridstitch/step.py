@@ -19,8 +19,10 @@ with guidance) and may be at different timesteps; nothing of a sample depends on
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,17 +87,24 @@ def rows_of(samples: Sequence[Sample], attr: str) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+_TEXT_LOCK = threading.Lock()
+
+
 def text_rows(samples: Sequence[Sample], attr: str) -> torch.Tensor:
     """The samples' text conditioning (``prompt_embeds`` or ``pooled``) as one batch. It does not
     change while the samples run, so the batch is made once per group of samples and reused while
-    the same samples share a call (kept by the group's first sample)."""
+    the same samples share a call (kept by the group's first sample, a few groups at most: the
+    small and the large calls of a step group the samples differently)."""
     if len(samples) == 1:
         return getattr(samples[0], attr)
-    key = tuple(s.id for s in samples)
-    cached = samples[0].extra.get(attr)
-    if cached is None or cached[0] != key:
-        cached = samples[0].extra[attr] = (key, rows_of(samples, attr))
-    return cached[1]
+    key = (attr, tuple(s.id for s in samples))
+    with _TEXT_LOCK:  # the small call may run in another thread (step's pool)
+        kept = samples[0].extra.setdefault("text_rows", {})
+        if key not in kept:
+            if len(kept) >= 8:  # groups change as requests join and leave: drop the oldest
+                kept.pop(next(iter(kept)))
+            kept[key] = rows_of(samples, attr)
+        return kept[key]
 
 
 def _timesteps(samples: Sequence[Sample]) -> torch.Tensor:
@@ -164,9 +173,11 @@ def _run(timer: CallTimes, name: str, den: Any, members: list[Sample], make: Cal
     return out
 
 
-def step(samples: Sequence[Sample], large, small, dtype: torch.dtype = torch.float32, device=None) -> int:
+def step(samples: Sequence[Sample], large, small, dtype: torch.dtype = torch.float32, device=None,
+         pool: Executor | None = None) -> int:
     """Advance every sample one step (see the module docstring); returns the engine calls made.
-    ``dtype``: the models' input dtype.
+    ``dtype``: the models' input dtype. ``pool``: an executor that runs the small call while this
+    thread runs the large ones (they are independent: the merge waits for both); None: in turn.
 
     Samples of different latent sizes or text lengths cannot share a call: each such group runs
     its own calls. A sample whose call fails, or whose latents stop being finite, gets ``error``
@@ -174,11 +185,12 @@ def step(samples: Sequence[Sample], large, small, dtype: torch.dtype = torch.flo
     shapes: dict[tuple, list[Sample]] = {}
     for s in samples:
         shapes.setdefault((*s.latents.shape[-2:], s.prompt_embeds.shape[1]), []).append(s)
-    return sum(_step(group, large, small, dtype, torch.device(device or group[0].latents.device))
+    return sum(_step(group, large, small, dtype, torch.device(device or group[0].latents.device), pool)
                for group in shapes.values())
 
 
-def _step(samples: Sequence[Sample], large, small, dtype: torch.dtype, device: torch.device) -> int:
+def _step(samples: Sequence[Sample], large, small, dtype: torch.dtype, device: torch.device,
+          pool: Executor | None) -> int:
     t_step = time.perf_counter()
     timer = CallTimes(device)
     for s in samples:
@@ -186,7 +198,15 @@ def _step(samples: Sequence[Sample], large, small, dtype: torch.dtype, device: t
     velocity: dict[int, torch.Tensor] = {}  # sample id -> its rows' velocity (before guidance)
     full_v: dict[int, torch.Tensor] = {}
 
-    # 1. the full large call: large-stage samples, and FullLarge samples in a masked stage
+    # 1. the small call: every sample in a masked or the small stage (in another thread with a pool)
+    smalls = [s for s in samples if s.stage.kind in ("masked", "small")]
+
+    def run_small():
+        return _run(timer, "small", small, smalls, lambda ms: small.forward(*_inputs(ms, dtype))) if smalls else []
+
+    small_results = pool.submit(run_small) if pool is not None else None
+
+    # 2. the full large call: large-stage samples, and FullLarge samples in a masked stage
     full = [s for s in samples if s.stage.kind == "large" or (s.stage.kind == "masked" and not s.config.uses_masked_large)]
     if full:
         def run_full(members):
@@ -201,14 +221,9 @@ def _step(samples: Sequence[Sample], large, small, dtype: torch.dtype, device: t
                     if m.config.needs_kv_cache and m.stage.kind == "large":
                         m.caches = c
 
-    # 2. the small call: every sample in a masked or the small stage
-    smalls = [s for s in samples if s.stage.kind in ("masked", "small")]
-    if smalls:
-        for members, v in _run(timer, "small", small, smalls, lambda ms: small.forward(*_inputs(ms, dtype))):
-            velocity.update(zip((m.id for m in members), _split(v, members)))
-
     # 3. one masked large call per masked-token count, each sample over its own caches
     masked = [s for s in samples if s.stage.kind == "masked" and s.config.uses_masked_large and s.error is None]
+    tokens_of: dict[int, tuple] = {}  # sample id -> (its tokens, k): merged once the small output is there
     for k in sorted({s.index.shape[1] for s in masked}):
         def run_masked(members, k=k):
             index = torch.cat([m.index.expand(m.rows, k) for m in members])  # [rows, k]: one mask for both CFG halves
@@ -218,7 +233,15 @@ def _step(samples: Sequence[Sample], large, small, dtype: torch.dtype, device: t
         for members, (tokens, new) in _run(timer, "large_masked", large, group, run_masked):
             for m, t, c in zip(members, _split(tokens, members), kvcache.split(new, [m.rows for m in members])):
                 m.caches = c
-                velocity[m.id] = merge_masked(velocity[m.id], t, m.index.expand(m.rows, k), large.spec.patch_size)
+                tokens_of[m.id] = (t, k)
+    for members, v in (small_results.result() if small_results is not None else run_small()):
+        velocity.update(zip((m.id for m in members), _split(v, members)))
+    for s in masked:
+        if s.id in tokens_of and s.id in velocity:  # both calls of its masked step succeeded
+            t, k = tokens_of[s.id]
+            velocity[s.id] = merge_masked(velocity[s.id], t, s.index.expand(s.rows, k), large.spec.patch_size)
+        elif s.error is None:
+            s.error = HybridStitchError(f"the masked step {s.step} lost one of its engine calls")
     calls = timer.finish()
 
     # 4. per sample: guidance, Eq. 10 and Eq. 9, the policy, the Euler update

@@ -91,3 +91,18 @@ def test_onnxruntime_samples_are_the_same_alone_or_batched(testbed_ort, testbed_
     a, b = run(testbed_ort, config, prompts, noise(3)), run(testbed_torch, config, prompts, noise(3))
     assert [t.switch_steps for t in a.traces] == [t.switch_steps for t in b.traces]
     assert rel_l2(a.images, b.images) <= 1e-5
+
+
+@needs_weights
+@pytest.mark.parametrize("preset", ["testbed-30", "testbed-30-fulllarge"])
+def test_concurrent_stage2_changes_nothing(testbed_torch, preset):
+    """The small call in a second thread (``concurrent_stage2``) gives the same stages and images."""
+    config = StitchConfig.preset(preset)
+    prompts = [prompt_for(d) for d in (0, 3, 8)]
+    concurrent = HybridStitchPipeline(testbed_torch.large, testbed_torch.small, testbed_torch.scheduler,
+                                      testbed_torch.conditioner, concurrent_stage2=True)
+    assert concurrent.stage2_pool is not None
+    a, b = run(concurrent, config, prompts, noise(3)), run(testbed_torch, config, prompts, noise(3))
+    assert [t.switch_steps for t in a.traces] == [t.switch_steps for t in b.traces]
+    assert any(s.stage_kind == "masked" for s in a.traces[0].steps)
+    assert torch.equal(a.images, b.images)
