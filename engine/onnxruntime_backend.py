@@ -33,6 +33,7 @@ they are checked when asked for, never required. Intra-op threads: ``num_threads
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,7 +149,8 @@ class OrtGraph:
         self.outputs = {t.name: t for t in entry.outputs}
         self._device_type = "cuda" if device.type == "cuda" else "cpu"
         self._device_id = device.index or 0
-        self._binding = None  # one IO binding per graph, rebound every call
+        self._binding = None  # one IO binding per graph, made on the first run (see run)
+        self._lock = threading.Lock()
         self.last_run_seconds: float | None = None  # the engine's own time in the latest run
 
     def _check_io(self) -> None:
@@ -193,24 +195,38 @@ class OrtGraph:
     def run(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
         """Bind torch tensors (by pointer) or OrtValues to every input and output, then run.
 
-        The tensors must stay alive until this returns (they do: the caller holds them)."""
+        One IO binding per graph, kept across calls: a name is bound again only when its tensor's
+        address or shape changed (the text rows of a running group, a reused scratch cache, an
+        unchanged batch keep theirs), so a steady step re-binds only what is new. The tensors must
+        stay alive until this returns (they do: the caller holds them)."""
+        with self._lock:  # one binding per graph: calls from several threads take turns
+            self._run_locked(inputs, outputs)
+
+    def _run_locked(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
         if self._binding is None:
             self._binding = self.session.io_binding()
-        binding = self._binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+            self._bound: dict[str, tuple] = {}  # name -> (address, shape) bound now
+        binding, bound = self._binding, self._bound
         for name, x in inputs.items():
             if isinstance(x, torch.Tensor):
-                binding.bind_input(name, self._device_type, self._device_id, NUMPY_DTYPES[self.inputs[name].dtype],
-                                   list(x.shape), x.data_ptr())
+                key = (x.data_ptr(), x.shape)
+                if bound.get(name) != key:
+                    binding.bind_input(name, self._device_type, self._device_id, NUMPY_DTYPES[self.inputs[name].dtype],
+                                       list(x.shape), key[0])
+                    bound[name] = key
             else:
                 binding.bind_ortvalue_input(name, x)
+                bound.pop(name, None)
         for name, y in outputs.items():
             if isinstance(y, torch.Tensor):
-                binding.bind_output(name, self._device_type, self._device_id, NUMPY_DTYPES[self.outputs[name].dtype],
-                                    list(y.shape), y.data_ptr())
+                key = (y.data_ptr(), y.shape)
+                if bound.get("out:" + name) != key:
+                    binding.bind_output(name, self._device_type, self._device_id, NUMPY_DTYPES[self.outputs[name].dtype],
+                                        list(y.shape), key[0])
+                    bound["out:" + name] = key
             else:
                 binding.bind_ortvalue_output(name, y)
+                bound.pop("out:" + name, None)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
         t0 = time.perf_counter()
