@@ -86,6 +86,11 @@ def gather(caches: Sequence[Rows | Caches]) -> Caches:
     return {name: join([c[name] for c in parts]) for name in parts[0]}
 
 
+def whole(rows: "Rows | Caches | None", batch: Caches) -> bool:
+    """Whether ``batch`` (what :func:`gather` returned) is the call batch ``rows`` came from, whole."""
+    return isinstance(rows, Rows) and rows.batch is batch
+
+
 def split(batch: Caches, rows: Sequence[int]) -> list[Rows]:
     """Each sample's rows of a batch of caches (``rows``: each sample's row count, in order)."""
     out, start = [], 0
@@ -99,4 +104,4 @@ def nbytes(caches: Caches) -> int:
     return sum(t.numel() * t.element_size() for t in caches.values())
 
 
-__all__ = ["Caches", "Rows", "cache_names", "gather", "join", "nbytes", "split"]
+__all__ = ["Caches", "Rows", "cache_names", "gather", "join", "whole", "nbytes", "split"]

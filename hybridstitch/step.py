@@ -227,12 +227,16 @@ def _step(samples: Sequence[Sample], large, small, dtype: torch.dtype, device: t
 
     # 3. one masked large call per masked-token count, each sample over its own caches
     masked = [s for s in samples if s.stage.kind == "masked" and s.config.uses_masked_large and s.error is None]
+    recycle = getattr(large, "recycle", None)  # backends that reuse a replaced cache set's buffers
     masked_out = []  # (members, their tokens [rows, k, E], their index [rows, k]): merged once the small output is there
     for k in sorted({s.index.shape[1] for s in masked}):
         def run_masked(members, k=k):
             index = torch.cat([m.index.expand(m.rows, k) for m in members])  # [rows, k]: one mask for both CFG halves
-            tokens, new = large.forward_masked(*_inputs(members, dtype), index,
-                                               kvcache.gather([m.caches for m in members]))
+            caches = kvcache.gather([m.caches for m in members])
+            tokens, new = large.forward_masked(*_inputs(members, dtype), index, caches)
+            if recycle is not None and kvcache.whole(members[0].caches, caches):
+                # every row of that batch was these samples', and each now has new rows: nothing reads it again
+                recycle(caches)
             return tokens, new, index
 
         group = [s for s in masked if s.index.shape[1] == k]
