@@ -1,4 +1,4 @@
-"""Time spent outside the engine calls: the runtime's own overhead, timed around the engine runs and by the traces.
+"""The runtime's own overhead: time outside the engine calls, timed around them and by the traces.
 
 The demo's setting on ONNX Runtime (the shipped testbed pair, 4 prompts, 20 steps, guidance
 1.25, one thread, testbed-30 by default). Each round runs the pipeline once and reports

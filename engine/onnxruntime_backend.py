@@ -33,6 +33,7 @@ they are checked when asked for, never required. Intra-op threads: ``num_threads
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,7 +149,8 @@ class OrtGraph:
         self.outputs = {t.name: t for t in entry.outputs}
         self._device_type = "cuda" if device.type == "cuda" else "cpu"
         self._device_id = device.index or 0
-        self._binding = None  # one IO binding per graph, rebound every call
+        self._bindings: dict[Any, tuple] = {}  # slot -> (IO binding, what it has bound): see run
+        self._lock = threading.Lock()
         self.last_run_seconds: float | None = None  # the engine's own time in the latest run
 
     def _check_io(self) -> None:
@@ -190,27 +192,42 @@ class OrtGraph:
             )
         return x.to(device=self.device, dtype=TORCH_DTYPES[t.dtype]).contiguous()
 
-    def run(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+    def run(self, inputs: dict[str, Any], outputs: dict[str, Any], slot: Any = None) -> None:
         """Bind torch tensors (by pointer) or OrtValues to every input and output, then run.
 
-        The tensors must stay alive until this returns (they do: the caller holds them)."""
-        if self._binding is None:
-            self._binding = self.session.io_binding()
-        binding = self._binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+        IO bindings are kept across calls, one per ``slot`` (the large graph: one per pair of cache
+        sets, which alternate in a steady run), and a name is bound again only when its tensor's
+        address or shape changed -- so a steady step re-binds only its latents, timesteps and
+        mask. The tensors must stay alive until this returns (they do: the caller holds them)."""
+        with self._lock:  # calls from several threads take turns on the bindings
+            self._run_locked(inputs, outputs, slot)
+
+    def _run_locked(self, inputs: dict[str, Any], outputs: dict[str, Any], slot: Any) -> None:
+        if slot not in self._bindings:
+            if len(self._bindings) >= 4:  # slots come and go with batch sizes: keep the latest few
+                self._bindings.pop(next(iter(self._bindings)))
+            self._bindings[slot] = (self.session.io_binding(), {})  # binding, name -> (address, shape) bound
+        binding, bound = self._bindings[slot]
         for name, x in inputs.items():
             if isinstance(x, torch.Tensor):
-                binding.bind_input(name, self._device_type, self._device_id, NUMPY_DTYPES[self.inputs[name].dtype],
-                                   list(x.shape), x.data_ptr())
+                key = (x.data_ptr(), x.shape)
+                if bound.get(name) != key:
+                    binding.bind_input(name, self._device_type, self._device_id, NUMPY_DTYPES[self.inputs[name].dtype],
+                                       list(x.shape), key[0])
+                    bound[name] = key
             else:
                 binding.bind_ortvalue_input(name, x)
+                bound.pop(name, None)
         for name, y in outputs.items():
             if isinstance(y, torch.Tensor):
-                binding.bind_output(name, self._device_type, self._device_id, NUMPY_DTYPES[self.outputs[name].dtype],
-                                    list(y.shape), y.data_ptr())
+                key = (y.data_ptr(), y.shape)
+                if bound.get("out:" + name) != key:
+                    binding.bind_output(name, self._device_type, self._device_id, NUMPY_DTYPES[self.outputs[name].dtype],
+                                        list(y.shape), key[0])
+                    bound["out:" + name] = key
             else:
                 binding.bind_ortvalue_output(name, y)
+                bound.pop("out:" + name, None)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
         t0 = time.perf_counter()
@@ -270,6 +287,8 @@ class OrtLargeDenoiser(EngineLargeDenoiser):
         super().__init__(manifest, folder, graph.device)
         self.graph = graph
         self._scratch: dict[int, dict[str, torch.Tensor]] = {}  # rows -> cache inputs of full steps (overwritten)
+        self._every: dict[int, torch.Tensor] = {}  # rows -> [rows, N] every position: the index of full steps
+        self._free: list[Caches] = []  # cache sets handed back (recycle): the next calls write there
 
     def bucket_for(self, ratio: float, num_tokens: int) -> Bucket:
         """Exactly ``ceil(ratio * N)`` tokens: the graph takes any k, so no bucket rounds it up."""
@@ -285,29 +304,52 @@ class OrtLargeDenoiser(EngineLargeDenoiser):
             self._scratch[rows] = {n: self.graph.empty_input(n, {BATCH: rows}).zero_() for n in self.cache_names}
         return self._scratch[rows]
 
+    def recycle(self, caches: Caches) -> None:
+        """Hand back a cache set this denoiser returned, once nothing will read it again (the step does
+        this for the batch a masked call replaced): a later call writes its updated caches there. In a
+        steady run the caches alternate between two sets, each with its IO binding."""
+        if any(c is caches for c in self._free):
+            return
+        self._free.append(caches)
+        del self._free[:-2]  # the alternation needs one free set; more would only hold memory
+
+    def _new_caches(self, sizes: dict) -> Caches:
+        """Buffers for a call's updated caches: a recycled set of the right size, else new tensors."""
+        rows = sizes[BATCH]
+        for i, spare in enumerate(self._free):
+            if next(iter(spare.values())).shape[0] == rows:
+                return self._free.pop(i)
+        return {name: self.graph.empty(f"new_{name}", sizes) for name in self.cache_names}
+
     def _run(self, latents, prompt_embeds, pooled, timestep, index, caches: Caches) -> tuple[torch.Tensor, Caches]:
-        """One run of the graph over ``caches`` (not modified): (tokens [B, k, E], the updated caches as new
-        tensors -- ONNX Runtime cannot alias an output onto an input)."""
+        """One run of the graph over ``caches`` (not modified): (tokens [B, k, E], the updated caches in
+        other tensors -- ONNX Runtime cannot alias an output onto an input)."""
         sizes = {BATCH: latents.shape[0], MASKED: index.shape[1]}
         inputs = full_inputs(self, self.graph, sizes, latents, prompt_embeds, pooled, timestep)
         inputs["index"] = self.graph.prepare("index", index, sizes)
         for name in self.cache_names:
             inputs[name] = self.graph.prepare(name, caches[name], sizes)
         tokens = self.graph.empty("tokens", sizes)
-        new = {name: self.graph.empty(f"new_{name}", sizes) for name in self.cache_names}
-        self.graph.run(inputs, {"tokens": tokens, **{f"new_{name}": t for name, t in new.items()}})
+        new = self._new_caches(sizes)
+        first = self.cache_names[0]
+        slot = (inputs[first].data_ptr(), new[first].data_ptr()) if self.cache_names else None
+        self.graph.run(inputs, {"tokens": tokens, **{f"new_{name}": t for name, t in new.items()}}, slot=slot)
         return tokens, new
 
     def _full(self, latents, prompt_embeds, pooled, timestep):
         b, _, h, w = latents.shape
-        n = self.manifest.tokens["image"]
-        every = torch.arange(n, device=self.device).expand(b, n)  # [B, N]: all positions, in order
-        tokens, caches = self._run(latents, prompt_embeds, pooled, timestep, every, self._scratch_caches(b))
+        if b not in self._every:
+            n = self.manifest.tokens["image"]
+            self._every[b] = torch.arange(n, device=self.device).expand(b, n).contiguous()  # [B, N]: all, in order
+        tokens, caches = self._run(latents, prompt_embeds, pooled, timestep, self._every[b], self._scratch_caches(b))
         return unpatchify(tokens, self.spec.patch_size, h, w).to(latents.dtype), caches  # [B, C, H, W]
 
     @torch.no_grad()
     def forward(self, latents, prompt_embeds, pooled, timestep):
-        return self._full(latents, prompt_embeds, pooled, timestep)[0]
+        v, caches = self._full(latents, prompt_embeds, pooled, timestep)
+        if self.cache_names:
+            self.recycle(caches)  # nobody saw them
+        return v
 
     @torch.no_grad()
     def forward_store(self, latents, prompt_embeds, pooled, timestep):

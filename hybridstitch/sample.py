@@ -28,6 +28,14 @@ class Timesteps:
 
     timesteps: torch.Tensor  # [T]: sigma * 1000, what the transformers take
     sigmas: torch.Tensor  # [T + 1], float32, ending at 0
+    # The same numbers as Python floats, read once: a step needs them on the host (records, grouping,
+    # scalar arithmetic) and reading a device tensor element by element would sync each time.
+    timestep_values: tuple[float, ...] = field(init=False)
+    sigma_values: tuple[float, ...] = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "timestep_values", tuple(self.timesteps.tolist()))
+        object.__setattr__(self, "sigma_values", tuple(self.sigmas.tolist()))
 
     @classmethod
     def of(cls, scheduler, num_steps: int, device) -> "Timesteps":
@@ -65,7 +73,7 @@ class Sample:
     trace: Trace
     num_tokens: int  # N
     step: int = 0
-    caches: dict[str, torch.Tensor] | None = None  # [R, H, N, D] each: this sample's large K/V
+    caches: Any = None  # kvcache.Rows (or a dict of [R, H, N, D] tensors): this sample's large K/V
     x0_prev: torch.Tensor | None = None  # [1, C, h, w] float32
     record_masks: bool = False
     owner: Any = None  # the request it belongs to (the scheduler's)

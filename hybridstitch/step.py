@@ -31,7 +31,7 @@ import torch
 from . import kvcache
 from .checks import check_finite
 from .errors import HybridStitchError
-from .metrics import predict_x0, relative_l1
+from .metrics import predict_x0, relative_l1_rows
 from .sample import Sample, euler_step
 from .tokens import gather_tokens, merge_masked, patchify
 from .trace import StepRecord
@@ -108,7 +108,10 @@ def text_rows(samples: Sequence[Sample], attr: str) -> torch.Tensor:
 
 
 def _timesteps(samples: Sequence[Sample]) -> torch.Tensor:
-    return torch.cat([s.timestep.reshape(1).expand(s.rows) for s in samples])  # [rows]
+    """[rows]: each row's timestep, made from the host's copy in one transfer."""
+    first = samples[0].schedule.timesteps
+    values = [s.schedule.timestep_values[s.step] for s in samples for _ in range(s.rows)]
+    return torch.tensor(values, dtype=first.dtype, device=first.device)
 
 
 def _inputs(samples: Sequence[Sample], dtype: torch.dtype) -> tuple:
@@ -124,7 +127,8 @@ def plan(sample: Sample, large) -> None:
     """The stage (and, for a masked stage, the mask) of the sample's coming step."""
     stage = sample.policy.stage_for_step(sample.step)
     sample.stage, sample.index = stage, None
-    rec = StepRecord(step=sample.step, timestep=float(sample.timestep), sigma=float(sample.schedule.sigmas[sample.step]),
+    rec = StepRecord(step=sample.step, timestep=sample.schedule.timestep_values[sample.step],
+                     sigma=sample.schedule.sigma_values[sample.step],
                      stage=stage.index, stage_kind=stage.kind, d=None, mask_ratio=stage.mask_ratio)
     if stage.kind == "masked":
         if sample.config.uses_masked_large:  # fixed-bucket engines may serve the ratio with a larger bucket
@@ -223,29 +227,31 @@ def _step(samples: Sequence[Sample], large, small, dtype: torch.dtype, device: t
 
     # 3. one masked large call per masked-token count, each sample over its own caches
     masked = [s for s in samples if s.stage.kind == "masked" and s.config.uses_masked_large and s.error is None]
-    tokens_of: dict[int, tuple] = {}  # sample id -> (its tokens, k): merged once the small output is there
+    recycle = getattr(large, "recycle", None)  # backends that reuse a replaced cache set's buffers
+    masked_out = []  # (members, their tokens [rows, k, E], their index [rows, k]): merged once the small output is there
     for k in sorted({s.index.shape[1] for s in masked}):
         def run_masked(members, k=k):
             index = torch.cat([m.index.expand(m.rows, k) for m in members])  # [rows, k]: one mask for both CFG halves
-            return large.forward_masked(*_inputs(members, dtype), index, kvcache.gather([m.caches for m in members]))
+            caches = kvcache.gather([m.caches for m in members])
+            tokens, new = large.forward_masked(*_inputs(members, dtype), index, caches)
+            if recycle is not None and kvcache.whole(members[0].caches, caches):
+                # every row of that batch was these samples', and each now has new rows: nothing reads it again
+                recycle(caches)
+            return tokens, new, index
 
         group = [s for s in masked if s.index.shape[1] == k]
-        for members, (tokens, new) in _run(timer, "large_masked", large, group, run_masked):
-            for m, t, c in zip(members, _split(tokens, members), kvcache.split(new, [m.rows for m in members])):
+        for members, (tokens, new, index) in _run(timer, "large_masked", large, group, run_masked):
+            for m, c in zip(members, kvcache.split(new, [m.rows for m in members])):
                 m.caches = c
-                tokens_of[m.id] = (t, k)
+            masked_out.append((members, tokens, index))
     for members, v in (small_results.result() if small_results is not None else run_small()):
         velocity.update(zip((m.id for m in members), _split(v, members)))
-    for s in masked:
-        if s.id in tokens_of and s.id in velocity:  # both calls of its masked step succeeded
-            t, k = tokens_of[s.id]
-            velocity[s.id] = merge_masked(velocity[s.id], t, s.index.expand(s.rows, k), large.spec.patch_size)
-        elif s.error is None:
-            s.error = HybridStitchError(f"the masked step {s.step} lost one of its engine calls")
+    _merge(masked, masked_out, velocity, large.spec.patch_size)
     calls = timer.finish()
 
-    # 4. per sample: guidance, Eq. 10 and Eq. 9, the policy, the Euler update
+    # 4. per sample (in groups that share their step's numbers): guidance, Eq. 10 and Eq. 9, the policy, Euler
     p = large.spec.patch_size
+    live = []
     for s in samples:
         rec = s.extra.pop("record")
         if s.error is not None:
@@ -257,22 +263,18 @@ def _step(samples: Sequence[Sample], large, small, dtype: torch.dtype, device: t
             v = merge_masked(velocity[s.id], gather_tokens(patchify(full_v[s.id], p), rows_index), rows_index, p)
         else:
             v = velocity[s.id]
-        if s.guided:
-            v_uncond, v_text = v.chunk(2)
-            v = v_uncond + s.guidance_scale * (v_text - v_uncond)
-        sigmas = s.schedule.sigmas
-        x0 = predict_x0(s.latents, v, float(sigmas[s.step]))
-        if s.x0_prev is not None:
-            rec.d = relative_l1(x0, s.x0_prev)
-            if s.config.has_masked_stage:  # only masked stages read token scores
-                s.masks.observe(x0, s.x0_prev)
-        s.policy.observe(s.step, rec.d)
-        s.x0_prev = x0
-        s.latents = euler_step(s.latents, v, sigmas[s.step], sigmas[s.step + 1])
-        try:
-            check_finite(s.latents, s.step, s.stage.kind, samples=[s.trace.sample])
-        except HybridStitchError as error:  # this image stops; the others of its step go on
-            s.error = error
+        live.append((s, rec, v))
+    groups: dict[tuple, list] = {}
+    for item in live:
+        s, _, v = item
+        i = s.step
+        key = (s.schedule.sigma_values[i], s.schedule.sigma_values[i + 1], s.guided, s.guidance_scale if s.guided else 0,
+               s.latents.dtype, v.dtype, s.x0_prev is None)
+        groups.setdefault(key, []).append(item)
+    for items in groups.values():
+        _advance_group(items)
+    for s, rec, _ in live:
+        if s.error is not None:
             continue
         if s.caches is not None and s.policy.stage.kind == "small":
             s.caches = None  # no masked step is left: the cache is dead weight
@@ -289,6 +291,62 @@ def _step(samples: Sequence[Sample], large, small, dtype: torch.dtype, device: t
         if s.done:
             s.trace.switch_steps = list(s.policy.switch_steps)
     return len(calls)
+
+
+def _merge(masked: Sequence[Sample], results: list, velocity: dict, patch: int) -> None:
+    """Stage 2's merge: each masked call's tokens overwrite the small output at its members' masked
+    positions -- in one scatter over the call's rows when the small call ran the same samples side by
+    side (the usual case), else sample by sample. A sample missing either output gets ``error``."""
+    merged = set()
+    for members, tokens, index in results:
+        ok = [m.id in velocity for m in members]
+        if all(ok):
+            rows = merge_masked(kvcache.join([velocity[m.id] for m in members]), tokens, index, patch)
+            velocity.update(zip((m.id for m in members), _split(rows, members)))
+            merged.update(m.id for m in members)
+            continue
+        for m, t, i, good in zip(members, _split(tokens, members), _split(index, members), ok):
+            if good:
+                velocity[m.id] = merge_masked(velocity[m.id], t, i, patch)
+                merged.add(m.id)
+    for s in masked:
+        if s.id not in merged and s.error is None:
+            s.error = HybridStitchError(f"the masked step {s.step} lost one of its engine calls")
+
+
+def _advance_group(items: list) -> None:
+    """Guidance, Eq. 10, Eq. 9 and the Euler update of samples at the same sigmas and guidance, as one
+    batch; the same elementwise arithmetic as one sample alone (Python-scalar sigmas and guidance, as
+    diffusers), and ``d_i`` by batch-invariant row sums, so no sample's numbers depend on the others."""
+    samples = [s for s, _, _ in items]
+    first = samples[0]
+    i = first.step
+    v = kvcache.join([v for _, _, v in items])  # [rows, C, h, w]
+    if first.guided:
+        pairs = v.view(len(samples), 2, *v.shape[1:])
+        v_uncond, v_text = pairs[:, 0], pairs[:, 1]
+        v = v_uncond + first.guidance_scale * (v_text - v_uncond)  # [S, C, h, w]
+    latents = kvcache.join([s.latents for s in samples])  # [S, C, h, w]
+    x0 = predict_x0(latents, v, first.schedule.sigma_values[i])  # float32
+    if first.x0_prev is None:
+        ds = [None] * len(samples)
+    else:  # Eq. 9, each sample's own number whatever the batch (row_sums), one host read for all
+        ds = relative_l1_rows(x0, kvcache.join([s.x0_prev for s in samples]))
+    sigmas = first.schedule.sigmas
+    new = euler_step(latents, v, sigmas[i], sigmas[i + 1])  # [S, C, h, w]
+    finite = torch.isfinite(new).flatten(1).all(dim=1).tolist()
+    for r, (s, rec, _) in enumerate(items):
+        rec.d = ds[r]
+        if ds[r] is not None and s.config.has_masked_stage:  # only masked stages read token scores
+            s.masks.observe(x0[r:r + 1], s.x0_prev)
+        s.policy.observe(s.step, ds[r])
+        s.x0_prev = x0[r:r + 1]
+        s.latents = new[r:r + 1]
+        if not finite[r]:  # this image stops; the others of its step go on
+            try:
+                check_finite(s.latents, s.step, s.stage.kind, samples=[s.trace.sample])
+            except HybridStitchError as error:
+                s.error = error
 
 
 __all__ = ["CallTimes", "plan", "rows_of", "step", "synchronize"]

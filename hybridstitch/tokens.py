@@ -7,6 +7,8 @@ diffusers' ``SD3Transformer2DModel`` (its unpatchify is ``einsum("nhwpqc->nchpwq
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -41,18 +43,24 @@ def scatter_tokens(tokens: torch.Tensor, index: torch.Tensor, values: torch.Tens
 
 def merge_masked(small_out: torch.Tensor, large_tokens: torch.Tensor, index: torch.Tensor, patch: int) -> torch.Tensor:
     """Stage 2's merge: the large model's output overwrites the small one at the masked tokens, in
-    place (only the k tokens move: no patchify / unpatchify of the whole latent).
+    place (only the k tokens move: no patchify / unpatchify of the whole latent). One scatter into
+    the flat latent: each token's element (i, j, c) lands at its corner + c*H*W + i*W + j.
 
     small_out [B, C, H, W] (written and returned), large_tokens [B, k, p*p*C], index [B, k].
     """
     b, c, h, w = small_out.shape
-    k = index.shape[1]
-    wp = w // patch
     if not small_out.is_contiguous():
         small_out = small_out.contiguous()
-    # [B, C, h, p, w, q] viewed as [B, h, w, C, p, q]: one token is one (h, w) cell
-    cells = small_out.view(b, c, h // patch, patch, wp, patch).permute(0, 2, 4, 1, 3, 5)
-    values = large_tokens.to(small_out.dtype).reshape(b, k, patch, patch, c).permute(0, 1, 4, 2, 3)  # [B, k, C, p, q]
-    batch = torch.arange(b, device=index.device)[:, None].expand(b, k)
-    cells[batch, index // wp, index % wp] = values
+    wp = w // patch
+    rows = (torch.arange(b, device=index.device) * (c * h * w))[:, None]  # [B, 1]: each row's start
+    corner = (index // wp) * (patch * w) + (index % wp) * patch + rows  # [B, k]: each token's first element
+    flat = corner[:, :, None] + _token_offsets(c, h, w, patch, index.device)  # [B, k, p*p*C], token layout
+    small_out.view(-1).index_put_((flat.view(-1),), large_tokens.reshape(-1).to(small_out.dtype))
     return small_out
+
+
+@functools.lru_cache(maxsize=32)
+def _token_offsets(c: int, h: int, w: int, patch: int, device: torch.device) -> torch.Tensor:
+    """[p*p*C]: where a token's elements, in its (p, q, c) layout, sit from its corner in a [C, H, W] latent."""
+    p = torch.arange(patch, device=device)
+    return (p[:, None, None] * w + p[None, :, None] + torch.arange(c, device=device)[None, None, :] * (h * w)).reshape(-1)

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from hybridstitch.masks import select_mask, token_scores, tokens_for_ratio
@@ -55,3 +56,23 @@ def test_relative_l1_and_x0():
     torch.testing.assert_close(predict_x0(x, v, 0.25), torch.full((1, 1, 2, 2), 0.5))
     a, b = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([1.0, -1.0, 1.0])
     assert abs(relative_l1(a, b) - 3.0 / 3.0) < 1e-7
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_row_sums_do_not_depend_on_the_batch(threads):
+    """Eq. 9's sums: a sample's own number, bit for bit, alone or among others, at any thread count."""
+    from hybridstitch.metrics import relative_l1_rows, row_sums
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        for shape in [(1, 32, 32), (16, 64, 64), (4, 16, 24)]:
+            x = torch.randn(5, *shape, generator=g) * torch.rand(5, 1, 1, 1, generator=g) * 10
+            prev = torch.randn(5, *shape, generator=g)
+            together, d_together = row_sums(x), relative_l1_rows(x, prev)
+            for i in range(5):
+                assert torch.equal(row_sums(x[i:i + 1].clone())[0], together[i])
+                assert relative_l1_rows(x[i:i + 1].clone(), prev[i:i + 1].clone())[0] == d_together[i]
+    finally:
+        torch.set_num_threads(before)
