@@ -14,10 +14,12 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 import traceback
 
 from ..errors import HybridStitchError
 from ..fileio import atomic_write_text
+from .metrics import ModelMetrics
 from .protocol import request_from_inputs, trace_bytes
 from .repository import LOAD_ERROR_FILE, SETTINGS_FILE
 from .runner import open_runner
@@ -45,11 +47,12 @@ class TritonPythonModel:
         self._defaults = settings.request_defaults
         self._slots = threading.BoundedSemaphore(settings.max_inflight)
         self._runner = open_runner(pipe, max_queue=settings.max_inflight)
+        self._metrics = ModelMetrics(pb_utils, args["model_instance_name"])
 
     def execute(self, requests):
         pb = self._pb
         for request in requests:
-            sender = request.get_response_sender()
+            sender, received = request.get_response_sender(), time.perf_counter()
 
             def get(name, request=request):
                 tensor = pb.get_input_tensor_by_name(request, name)
@@ -58,40 +61,49 @@ class TritonPythonModel:
             try:
                 generation = request_from_inputs(get, self._defaults)
             except HybridStitchError as e:
-                self._send_error(sender, str(e), pb.TritonError.INVALID_ARG)
+                self._refuse(sender, received, str(e), pb.TritonError.INVALID_ARG)
                 continue
             self._slots.acquire()  # the runner is full: wait, keeping later requests in Triton's queue
+            self._metrics.submitted()  # before the submit: a fast failure must not count down first
             try:
                 future = self._runner.submit(generation)
             except HybridStitchError as e:  # closed: the server is shutting down
                 self._slots.release()
-                self._send_error(sender, str(e), pb.TritonError.UNAVAILABLE)
+                self._refuse(sender, received, str(e), pb.TritonError.UNAVAILABLE, was_submitted=True)
                 continue
-            future.add_done_callback(functools.partial(self._respond, sender))
+            future.add_done_callback(functools.partial(self._respond, sender, received))
         return None  # every response goes through its request's sender
 
-    def _respond(self, sender, future) -> None:
+    def _respond(self, sender, received: float, future) -> None:
         """Runs on the runner's thread when one request is done."""
         pb = self._pb
         try:
-            try:
-                image, trace = future.result()
-            except HybridStitchError as e:
-                self._send_error(sender, str(e), pb.TritonError.INVALID_ARG)
-            except BaseException as e:  # noqa: BLE001 - a bug (or a cancelled future): this request fails, the server goes on
-                pb.Logger.log_error(f"hybridstitch: request failed: {traceback.format_exc()}")
-                self._send_error(sender, f"internal error in hybridstitch ({type(e).__name__}: {e}); see the server log",
-                                 pb.TritonError.INTERNAL)
-            else:
-                outputs = [pb.Tensor("image", image[None]), pb.Tensor("trace", trace_bytes(trace))]  # [1, H, W, C], [1, 1]
-                sender.send(pb.InferenceResponse(output_tensors=outputs), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            image, trace = future.result()
+        except HybridStitchError as e:
+            response, ok = self._error(str(e), pb.TritonError.INVALID_ARG), False
+        except BaseException as e:  # noqa: BLE001 - a bug (or a cancelled future): this request fails, the server goes on
+            pb.Logger.log_error(f"hybridstitch: request failed: {traceback.format_exc()}")
+            response = self._error(f"internal error in hybridstitch ({type(e).__name__}: {e}); see the server log",
+                                   pb.TritonError.INTERNAL)
+            ok = False
+        else:
+            outputs = [pb.Tensor("image", image[None]), pb.Tensor("trace", trace_bytes(trace))]  # [1, H, W, C], [1, 1]
+            response, ok = pb.InferenceResponse(output_tensors=outputs), True
+        # Counted before the send, so a client holding its answer finds it in the metrics.
+        self._metrics.answered(time.perf_counter() - received, ok)
+        try:
+            sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         finally:
             self._slots.release()
 
-    def _send_error(self, sender, message: str, code) -> None:
-        pb = self._pb
-        pb.Logger.log_info(f"hybridstitch: request refused: {message}")
-        sender.send(pb.InferenceResponse(error=pb.TritonError(message, code)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    def _refuse(self, sender, received: float, message: str, code, was_submitted: bool = False) -> None:
+        """Answers a request the runner never took."""
+        self._metrics.answered(time.perf_counter() - received, ok=False, was_submitted=was_submitted)
+        sender.send(self._error(message, code), flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _error(self, message: str, code):
+        self._pb.Logger.log_info(f"hybridstitch: request refused: {message}")
+        return self._pb.InferenceResponse(error=self._pb.TritonError(message, code))
 
     def finalize(self) -> None:
         if hasattr(self, "_runner"):  # absent when initialize failed

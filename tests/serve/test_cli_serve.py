@@ -144,3 +144,15 @@ def test_sigterm_stops_the_server_and_its_instances(testbed_engines, direct_pipe
         assert time.monotonic() - t0 < 60
     finally:
         serve.close()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["-m", "hybridstitch.cli", "serve", "--help"], "--max-queue-delay-ms"),
+    (["-m", "hybridstitch.cli", "client", "--help"], "--guidance-scale"),
+    ([os.path.join("benchmarks", "serving.py"), "--help"], "--concurrency"),
+])
+def test_entry_points_run_without_docstrings(argv, expected):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-OO", *argv], cwd=root, capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert expected in proc.stdout
