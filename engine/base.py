@@ -23,6 +23,7 @@ from hybridstitch.errors import HybridStitchError
 from hybridstitch.masks import tokens_for_ratio
 from hybridstitch.scheduling import sd3_scheduler
 
+from .integrity import Verifier
 from .manifest import Manifest, read_manifest, weights_changed
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,14 @@ def open_engine_folder(folder: str, backend: str) -> Manifest:
     return manifest
 
 
-def check_graph_files(manifest: Manifest, folder: str, hash_files: bool) -> None:
+def check_graph_files(manifest: Manifest, folder: str, hash_files: bool, verifier: Verifier | None = None) -> None:
     """Every graph the set loads is listed and its files are as exported (sizes; sha256 unless
-    ``hash_files`` is False)."""
+    ``hash_files`` is False, hashing only files whose stat moved since they were hashed)."""
     for name in required_graphs(manifest):
         entry = manifest.graphs.get(name)
         if entry is None:
             raise HybridStitchError(f"the manifest in {folder} lists no {name} graph; re-export the engines")
-        why = entry.check_files(folder, hash_files=hash_files)
+        why = entry.check_files(folder, hash_files=hash_files, verifier=verifier)
         if why is not None:
             raise HybridStitchError(
                 f"the {name} engine in {folder} is not as exported: {why}. Rerun hybridstitch-export with the same "
@@ -69,7 +70,7 @@ def check_graph_files(manifest: Manifest, folder: str, hash_files: bool) -> None
             )
 
 
-def check_source_weights(manifest: Manifest, notes: list[str]) -> None:
+def check_source_weights(manifest: Manifest, notes: list[str], verifier: Verifier | None = None) -> None:
     """Refuse engines whose checkpoints changed since export (when the checkpoints are still there)."""
     for role in ("large", "small"):
         info = manifest.models[role]
@@ -77,7 +78,7 @@ def check_source_weights(manifest: Manifest, notes: list[str]) -> None:
         if not os.path.isdir(folder):
             notes.append(f"{role} checkpoint {folder} not found: weights not re-checked")
             continue
-        why = weights_changed(folder, info["weights"])
+        why = weights_changed(folder, info["weights"], verifier)
         if why is not None:
             raise HybridStitchError(
                 f"the {role} weights in {folder} changed since these engines were exported ({why}); the engines "

@@ -306,9 +306,10 @@ def shape_matches(engine_shape, planned) -> bool:
         (g == -1) if isinstance(w, str) else (g == w) for g, w in zip(engine_shape, planned))
 
 
-def check_engine_file(folder: str, record: dict, hash_files: bool = True) -> str | None:
-    """Why an engine file is not as built (None when it is). Reads only."""
-    return file_problem(folder, record["file"], record["size"], record["sha256"], hash_files, recorded_at="build")
+def check_engine_file(folder: str, record: dict, hash_files: bool = True, verifier=None) -> str | None:
+    """Why an engine file is not as built (None when it is). Reads only (and hashes only a moved file)."""
+    return file_problem(folder, record["file"], record["size"], record["sha256"], hash_files, recorded_at="build",
+                        stat=record.get("stat"), verifier=verifier)
 
 
 def onnx_sha256(entry) -> str:

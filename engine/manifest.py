@@ -26,7 +26,7 @@
                            "config": {...diffusers transformer config...}},
                  "small": {...}},
       "scheduler": {...FlowMatchEulerDiscreteScheduler config...} | null,
-      "graphs": {"small": {"kind": "small", "file": "small.onnx", "external_data": null | "small.onnx.data",
+      "graphs": {"small": {"kind": "small", "file": "small.onnx", "external_data": "small.onnx.data",
                            "files": [{"name", "size", "sha256"}], "key": "<sha256 of what it was built from>",
                            "inputs": [{"name", "shape", "dtype"}], "outputs": [...],   # shapes: ints, or the
                            "custom_nodes": 0 | n},                                     # symbols "batch" / "k"
@@ -60,6 +60,8 @@ from hybridstitch.denoiser import Bucket, TransformerSpec
 from hybridstitch.errors import HybridStitchError
 from hybridstitch.fileio import atomic_write_text
 
+from .integrity import Verifier, file_stat, sha256_file
+
 FORMAT = "hybridstitch-engines"
 FORMAT_VERSION = 2
 # The symbolic dimensions of the graphs' shapes: the batch (CFG included) and the masked tokens k.
@@ -70,18 +72,6 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, streamed (weights and engines can be tens of GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_json(obj: Any) -> str:
@@ -102,21 +92,26 @@ def weight_files(transformer_dir: str) -> list[str]:
     return names
 
 
+def file_record(path: str, name: str | None = None) -> dict:
+    """``{name, size, sha256, stat}`` of a file just written: what the integrity checks compare with."""
+    stat = file_stat(path)
+    return dict(name=name or os.path.basename(path), size=stat["size"], sha256=sha256_file(path), stat=stat)
+
+
 def fingerprint_weights(transformer_dir: str) -> dict:
-    """``{"sha256": <over the files' names and hashes>, "files": [{name, size, mtime_ns, sha256}]}``."""
+    """``{"sha256": <over the files' names and hashes>, "files": [{name, size, mtime_ns, sha256, stat}]}``."""
     files = []
     for name in weight_files(transformer_dir):
-        path = os.path.join(transformer_dir, name)
-        st = os.stat(path)
-        files.append(dict(name=name, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=sha256_file(path)))
+        record = file_record(os.path.join(transformer_dir, name), name)
+        files.append(dict(record, mtime_ns=record["stat"]["mtime_ns"]))
     return dict(sha256=sha256_json([(f["name"], f["sha256"]) for f in files]), files=files)
 
 
-def weights_changed(transformer_dir: str, recorded: dict) -> str | None:
+def weights_changed(transformer_dir: str, recorded: dict, verifier: Verifier | None = None) -> str | None:
     """Why the weights in ``transformer_dir`` differ from ``recorded`` (None when they match).
 
-    Size and mtime are checked first; a file whose size or mtime moved is re-hashed, so a
-    ``touch`` or a copy passes and an edit of the same size does not. The files are only read.
+    A file is re-hashed only when its stat moved since it was hashed (see :mod:`.integrity`):
+    a copy or a ``touch`` costs one hash and passes, any edit is caught. The files are only read.
     """
     try:
         names = weight_files(transformer_dir)
@@ -125,28 +120,21 @@ def weights_changed(transformer_dir: str, recorded: dict) -> str | None:
     want = {f["name"]: f for f in recorded.get("files", [])}
     if set(names) != set(want):
         return f"files differ: now {names}, at export {sorted(want)}"
+    verifier = verifier or Verifier()
     for name in names:
-        path = os.path.join(transformer_dir, name)
-        st = os.stat(path)
         rec = want[name]
-        if st.st_size != rec["size"]:
-            return f"{name} is {st.st_size} bytes, {rec['size']} at export"
-        if st.st_mtime_ns != rec["mtime_ns"] and sha256_file(path) != rec["sha256"]:
-            return f"{name} has changed content (sha256 differs)"
+        why = verifier.check(os.path.join(transformer_dir, name), rec["size"], rec["sha256"], rec.get("stat"), name=name)
+        if why is not None:
+            return why.replace("when built", "at export").replace("is corrupted", "has changed content")
     return None
 
 
-def file_problem(folder: str, name: str, size: int, sha256: str, hash_files: bool = True, recorded_at: str = "export") -> str | None:
-    """Why ``folder/name`` is not the file recorded (missing, resized, other sha256), or None. Reads only."""
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        return f"{name} is missing"
-    actual = os.path.getsize(path)
-    if actual != size:
-        return f"{name} is {actual} bytes, {size} when built (truncated or replaced)"
-    if hash_files and sha256_file(path) != sha256:
-        return f"{name} is corrupted (sha256 differs from the one recorded at {recorded_at})"
-    return None
+def file_problem(folder: str, name: str, size: int, sha256: str, hash_files: bool = True, recorded_at: str = "export",
+                 stat: dict | None = None, verifier: Verifier | None = None) -> str | None:
+    """Why ``folder/name`` is not the file recorded (missing, resized, other sha256), or None. Reads
+    only, and hashes only a file whose stat moved since ``stat`` (or the folder's stamp)."""
+    return (verifier or Verifier()).check(os.path.join(folder, name), size, sha256, stat, hash_files, name=name,
+                                          recorded_at=recorded_at)
 
 
 @dataclass
@@ -185,10 +173,11 @@ class GraphEntry:
         d["outputs"] = [TensorInfo.from_dict(t) for t in d["outputs"]]
         return cls(**d)
 
-    def check_files(self, folder: str, hash_files: bool = True) -> str | None:
+    def check_files(self, folder: str, hash_files: bool = True, verifier: Verifier | None = None) -> str | None:
         """Why this graph's files are not as built (None when they are). Reads only."""
         for rec in self.files:
-            why = file_problem(folder, rec["name"], rec["size"], rec["sha256"], hash_files, recorded_at="export")
+            why = file_problem(folder, rec["name"], rec["size"], rec["sha256"], hash_files, recorded_at="export",
+                               stat=rec.get("stat"), verifier=verifier)
             if why is not None:
                 return why
         return None

@@ -53,6 +53,7 @@ from .base import (
     check_source_weights,
     open_engine_folder,
 )
+from .integrity import Verifier
 from .manifest import BATCH, MASKED
 
 PROVIDER_ALIASES = {
@@ -351,10 +352,12 @@ def load_engines(
         verify_files: hash every graph file against the manifest (sizes are always checked).
     """
     manifest = open_engine_folder(folder, "onnxruntime")
-    check_graph_files(manifest, folder, hash_files=verify_files)
+    verifier = Verifier(folder)
+    check_graph_files(manifest, folder, hash_files=verify_files, verifier=verifier)
     notes: list[str] = []
     if check_weights:
-        check_source_weights(manifest, notes)
+        check_source_weights(manifest, notes, verifier)
+    verifier.save()  # files hashed now (moved since their last hash) are trusted next time until they move
 
     providers = resolve_providers(providers)
     device = provider_device(providers)

@@ -64,6 +64,7 @@ from .base import (
     required_graphs,
 )
 from .builds import check_engine_file, current_device, onnx_sha256, select_build
+from .integrity import Verifier
 from .manifest import BATCH, MASKED
 from .tensorrt_engine import TORCH_DTYPES, DeviceMemory, TrtEngine, TrtRuntime
 
@@ -269,6 +270,7 @@ def load_engines(
         device = torch.device("cuda", torch.cuda.current_device())
     device_info = device_info or current_device(device.index or 0)
     build_id, build = select_build(manifest, device_info, folder, attention=attention, compiler=compiler)
+    verifier = Verifier(folder)
     for name in required_graphs(manifest):
         record = build["engines"].get(name)
         if manifest.graphs.get(name) is None or record is None:
@@ -281,7 +283,7 @@ def load_engines(
                 f"the {name} engine of {build_id} in {folder} was built from an earlier {name} graph; rerun "
                 "hybridstitch-export with the same arguments on this machine to rebuild it"
             )
-        why = check_engine_file(folder, record, hash_files=verify_files)
+        why = check_engine_file(folder, record, hash_files=verify_files, verifier=verifier)
         if why is not None:
             raise HybridStitchError(
                 f"the {name} engine of {build_id} in {folder} is not as built: {why}. Rerun hybridstitch-export with "
@@ -289,7 +291,8 @@ def load_engines(
             )
     notes: list[str] = []
     if check_weights:
-        check_source_weights(manifest, notes)
+        check_source_weights(manifest, notes, verifier)
+    verifier.save()
 
     if build.get("python_plugins"):
         # Torch-TensorRT's JIT plugin calls back into Python: register it before deserialising

@@ -18,8 +18,9 @@ from hybridstitch.engine.builds import TensorRTOptions
 from hybridstitch.engine.manifest import FORMAT_VERSION, GraphEntry, Manifest, read_manifest
 
 from .driver import export_engines
+from .memory_plan import memory_plan, plan_for_request
 from .plan import plan_export
 from .request import ExportRequest
 
-__all__ = ["FORMAT_VERSION", "ExportRequest", "GraphEntry", "Manifest", "export_engines", "plan_export", "read_manifest",
-           "TensorRTOptions"]
+__all__ = ["FORMAT_VERSION", "ExportRequest", "GraphEntry", "Manifest", "export_engines", "memory_plan", "plan_export",
+           "plan_for_request", "read_manifest", "TensorRTOptions"]

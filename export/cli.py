@@ -67,7 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "Large in fp16, as TensorRT's SD3.5 demo)")
     ap.add_argument("--text-tokens", type=int, default=None,
                     help="text tokens of the conditioning (default: from the large folder; SD3's CLIP+T5 is 333)")
-    ap.add_argument("--out", required=True, help="the engine folder to write (created if needed)")
+    ap.add_argument("--out", default=None, help="the engine folder to write (created if needed); not needed with --plan")
+    plan = ap.add_argument_group("memory plan")
+    plan.add_argument("--plan", action="store_true",
+                      help="print the memory budget of the engine set (weights, KV caches, activations, encoders, runtime) "
+                      "and whether it fits, without building anything; works on folders holding only configs")
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                      help="the GPU memory to plan for: --plan exits 2 when the set does not fit; an export refuses "
+                      "before writing anything (default with --plan: this machine's GPU when one is visible)")
+    plan.add_argument("--encoders", choices=("gpu", "cpu", "none"), default="gpu",
+                      help="where the text encoders and VAE will run, for the plan (default gpu)")
     ap.add_argument("--overwrite", action="store_true",
                     help="rebuild a folder that holds engines of another configuration")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -90,6 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _plan(req) -> int:
+    """Print the memory plan; exit 0 when it fits (or no capacity is known), else raise with what to change."""
+    from .memory_plan import check_fits, plan_for_request
+
+    plan = plan_for_request(req, req.encoders)
+    capacity = req.gpu_memory_gb
+    if capacity is None and plan.device == "gpu":
+        capacity = _visible_gpu_gb()
+    print(plan.render(capacity))
+    if capacity is not None:
+        check_fits(plan, capacity)
+    return 0
+
+
+def _visible_gpu_gb() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 1e9
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -108,7 +139,12 @@ def main(argv=None) -> int:
             buckets=tuple(args.buckets), precision=args.precision, backend=args.backend, opset=opset,
             text_tokens=args.text_tokens, overwrite=args.overwrite, fp32_blocks=_fp32_blocks(args.fp32_blocks),
             tensorrt=TensorRTOptions(**given) if args.backend == "tensorrt" else None,
+            gpu_memory_gb=args.gpu_memory, encoders=args.encoders,
         )
+        if args.plan:
+            return _plan(req)
+        if args.out is None:
+            raise HybridStitchError("--out is required: the engine folder to write (or --plan to only plan)")
         manifest = export_engines(req, args.out, progress=not args.quiet)
     except HybridStitchError as e:
         print(f"hybridstitch-export: error: {e}", file=sys.stderr)

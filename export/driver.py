@@ -40,6 +40,10 @@ def export_engines(req: ExportRequest, out: str, progress: bool = True, toolchai
     anything is written. ``toolchain`` (TensorRT exports only): what builds and inspects engines,
     :class:`~.tensorrt_build.TensorRTToolchain` by default.
     """
+    if req.gpu_memory_gb is not None:  # the memory plan first: nothing is read or written for a set that cannot fit
+        from .memory_plan import check_fits, plan_for_request
+
+        check_fits(plan_for_request(req, req.encoders), req.gpu_memory_gb)
     plan = plan_export(req)
     if req.backend == "tensorrt":
         from .tensorrt_build import TensorRTToolchain
@@ -123,7 +127,7 @@ def _build_graph(g: GraphPlan, plan: ExportPlan, load: Callable, out: str, bar) 
     _check_io(model, g)
     bar.update(1)
     bar.set_postfix_str("save")
-    files, data_name = FilesFromOnnx(model, out, g.name, req.external_data_threshold)()
+    files, data_name = FilesFromOnnx(model, out, g.name)()
     bar.update(1)
     from hybridstitch.plugins.onnx_op import count_nodes
 

@@ -21,9 +21,6 @@ DEFAULT_BUCKETS = (0.1, 0.2, 0.3, 0.4)
 DEFAULT_OPSET = 18
 # Conv, LayerNorm and friends take bfloat16 only from opset 22 on.
 BF16_MIN_OPSET = 22
-# Above this many bytes of weights a graph is saved with external data (protobuf's 2 GB limit,
-# with room for the graph itself).
-EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 # SD3's text conditioning: 77 CLIP tokens + 256 T5 tokens (diffusers' max_sequence_length).
 SD3_TEXT_TOKENS = 77 + 256
 
@@ -49,12 +46,15 @@ class ExportRequest:
     opset: int = DEFAULT_OPSET
     text_tokens: int | None = None  # None: from the large folder's conditioner (SD3: 333)
     vae_scale_factor: int | None = None  # None: from the large folder (SD3: 8; testbed: 1)
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     overwrite: bool = False
     # Large-model blocks run in float32 inside a fp16 graph (casts at the block's edges). None:
     # automatic -- block 35 of SD3.5 Large in fp16, as TensorRT's own SD3.5 demo; () for none.
     fp32_blocks: tuple[int, ...] | None = None
     tensorrt: TensorRTOptions | None = None  # backend="tensorrt" only; None: the defaults
+    # Refuse (before writing anything) when the memory plan does not fit this many GB; ``encoders``:
+    # where the text encoders and VAE will run, for that plan (gpu | cpu | none).
+    gpu_memory_gb: float | None = None
+    encoders: str = "gpu"
 
     def __post_init__(self) -> None:
         self.buckets = tuple(sorted({float(r) for r in self.buckets}))
@@ -88,6 +88,11 @@ class ExportRequest:
                     f"bf16 needs opset >= {BF16_MIN_OPSET} (Conv and LayerNormalization take bfloat16 from opset 22); "
                     f"got {self.opset}: pass --opset {BF16_MIN_OPSET}"
                 )
+        if self.encoders not in ("gpu", "cpu", "none"):
+            raise HybridStitchError(f"encoders must be gpu, cpu or none, got {self.encoders!r}")
+        if self.gpu_memory_gb is not None and not (isinstance(self.gpu_memory_gb, (int, float))
+                                                   and 0 < self.gpu_memory_gb < float("inf")):
+            raise HybridStitchError(f"gpu_memory_gb must be a positive number of GB, got {self.gpu_memory_gb!r}")
         if self.fp32_blocks is not None:
             self.fp32_blocks = tuple(sorted({int(i) for i in self.fp32_blocks}))
             if any(i < 0 for i in self.fp32_blocks):
@@ -135,7 +140,6 @@ __all__ = [
     "DEFAULT_BUCKETS",
     "DEFAULT_OPSET",
     "DTYPES",
-    "EXTERNAL_DATA_THRESHOLD",
     "ExportRequest",
     "ONNX_FLOAT",
     "SD3_TEXT_TOKENS",

@@ -82,7 +82,7 @@ from hybridstitch.engine.builds import (
     shape_matches,
     timing_cache_path,
 )
-from hybridstitch.engine.manifest import BATCH, MASKED, sha256_file, sha256_json, utc_now
+from hybridstitch.engine.manifest import BATCH, MASKED, file_record, sha256_json, utc_now
 from hybridstitch.errors import HybridStitchError
 from hybridstitch.fileio import atomic_write_bytes
 
@@ -202,7 +202,9 @@ def match_engine_io(entry, tensors: list[EngineTensor], by_position: bool) -> di
 def _write_atomic(data: bytes, path: str) -> dict:
     """Write ``data`` to ``path`` atomically; returns its file record."""
     atomic_write_bytes(path, data)
-    return dict(size=os.path.getsize(path), sha256=sha256_file(path))
+    record = file_record(path)
+    del record["name"]
+    return record
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -140,7 +140,8 @@ def test_manifest_records_the_export(tiny_engines, tiny_dirs):
     assert m.graphs["small"].inputs[0].shape == ["batch", 16, 8, 8]
     assert large.custom_nodes == 4 and m.graphs["small"].custom_nodes == 0
     for name, entry in m.graphs.items():
-        assert entry.file == f"{name}.onnx" and entry.external_data is None
+        assert entry.file == f"{name}.onnx" and entry.external_data == f"{name}.onnx.data"  # weights outside
+        assert [f["name"] for f in entry.files] == [entry.file, entry.external_data]
         assert entry.check_files(folder) is None
 
 
@@ -236,7 +237,7 @@ def test_damaged_engine_is_rebuilt_alone(tiny_engines, tmp_path):
     export_engines(req, work, progress=False)
     after = snapshot(work)
     changed = {k for k in after if after[k] != before.get(k)}
-    assert changed == {"small.onnx", "manifest.json"}
+    assert changed == {"small.onnx", "small.onnx.data", "manifest.json"}
     m = read_manifest(work)
     assert m.complete and m.graphs["small"].check_files(work) is None
 
@@ -251,6 +252,7 @@ def test_interrupted_export_resumes_and_a_failure_keeps_earlier_engines(tiny_eng
     raw["complete"] = False
     del raw["graphs"]["large"]
     os.unlink(os.path.join(work, "large.onnx"))
+    os.unlink(os.path.join(work, "large.onnx.data"))
     with open(os.path.join(work, "manifest.json"), "w") as f:
         json.dump(raw, f)
     before = snapshot(work)
@@ -266,7 +268,7 @@ def test_interrupted_export_resumes_and_a_failure_keeps_earlier_engines(tiny_eng
 
     export_engines(req, work, progress=False)
     after = snapshot(work)
-    assert {k for k in after if after[k] != before.get(k)} == {"large.onnx", "manifest.json"}
+    assert {k for k in after if after[k] != before.get(k)} == {"large.onnx", "large.onnx.data", "manifest.json"}
     assert read_manifest(work).complete
 
 

@@ -296,7 +296,9 @@ def test_cli_tensorrt_flags(tiny_dirs, tmp_path, capsys):
 
 def test_prepared_graphs_for_the_plugin_and_for_standard_attention(tiny_engines, tmp_path):
     folder, _ = tiny_engines
-    src = os.path.join(folder, "large.onnx")
+    shutil.copytree(folder, tmp_path / "eng")  # prepared graphs live beside the weights (external data)
+    tmp_path = tmp_path / "eng"
+    src = str(tmp_path / "large.onnx")
     plugin = onnx.load(TensorRTOnnxFromOnnx(src, str(tmp_path / "p.onnx"), "plugin")())
     ours = [n for n in plugin.graph.node if (n.domain, n.op_type) == (OP_DOMAIN, OP_NAME)]
     assert len(ours) == 4 and not plugin.functions  # one per slot; the parser reaches the plugin
