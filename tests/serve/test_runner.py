@@ -53,7 +53,7 @@ def test_results_equal_direct_calls_and_a_bad_request_fails_alone(direct_pipe):
         futures = [runner.submit(good[0]), runner.submit(bad), runner.submit(good[1]), runner.submit(good[2])]
         with pytest.raises(HybridStitchError, match="does not understand 'a photo of a cat'"):
             futures[1].result(timeout=120)
-        for req, future in zip(good, [futures[0], futures[2], futures[3]]):
+        for req, future in zip(good, [futures[0], futures[2], futures[3]], strict=True):
             image, trace = future.result(timeout=120)
             want_image, want_trace = direct_call(direct_pipe, req.prompt, req.seed, req.method)
             assert image.dtype == np.uint8 and image.shape == want_image.shape == (32, 32, 1)

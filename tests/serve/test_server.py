@@ -67,9 +67,9 @@ def test_ready_with_the_declared_model(server):
 def test_concurrent_requests_equal_direct_calls_and_triton_batches_them(server, direct_pipe):
     before = batch_counts(server)
     wanted = [dict(prompt=f"a handwritten {d}", seed=10 + d, method=m, steps=STEPS, guidance_scale=GUIDANCE)
-              for d, m in zip(range(4), [METHOD, "large", METHOD, "testbed-srdiffusion"])]
+              for d, m in zip(range(4), [METHOD, "large", METHOD, "testbed-srdiffusion"], strict=True)]
     results = send_together(server, wanted)
-    for kw, result in zip(wanted, results):
+    for kw, result in zip(wanted, results, strict=True):
         assert not isinstance(result, Exception), result
         image, trace = result
         want_image, want_trace = direct_call(direct_pipe, kw["prompt"], kw["seed"], kw["method"])
@@ -92,10 +92,10 @@ def test_a_bad_request_fails_alone(server, direct_pipe):
         (dict(prompt="a handwritten 2", seed=0, guidance_scale=math.nan), "guidance_scale must be a finite number"),
     ]
     results = send_together(server, [good[0], bad[0][0], bad[1][0], good[1], bad[2][0], bad[3][0]])
-    for (kw, message), result in zip(bad, [results[1], results[2], results[4], results[5]]):
+    for (_, message), result in zip(bad, [results[1], results[2], results[4], results[5]], strict=True):
         assert isinstance(result, HybridStitchError) and message in str(result), result
         assert "refused the request" in str(result)
-    for kw, result in zip(good, [results[0], results[3]]):
+    for kw, result in zip(good, [results[0], results[3]], strict=True):
         assert not isinstance(result, Exception), result
         np.testing.assert_array_equal(result[0], direct_call(direct_pipe, kw["prompt"], kw["seed"])[0])
     assert client(server).is_ready()  # and the server still serves
