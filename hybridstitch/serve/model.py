@@ -6,20 +6,20 @@ sent by its own response sender when its future resolves, so a request never wai
 batch-mates, and a bad request gets its own error while the others go on. At most
 ``max_inflight`` requests are in the runner: beyond that ``execute`` waits, the Triton instance
 stays busy, and further requests wait in Triton's queue, where the dynamic batcher groups them
-and the queue metrics see them.
+and its queue metrics see them.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import os
+import sys
 import threading
-import time
 import traceback
 
 from ..errors import HybridStitchError
 from ..fileio import atomic_write_text
-from .metrics import ModelMetrics
 from .protocol import request_from_inputs, trace_bytes
 from .repository import LOAD_ERROR_FILE, SETTINGS_FILE
 from .runner import open_runner
@@ -47,12 +47,11 @@ class TritonPythonModel:
         self._defaults = settings.request_defaults
         self._slots = threading.BoundedSemaphore(settings.max_inflight)
         self._runner = open_runner(pipe, max_queue=settings.max_inflight)
-        self._metrics = ModelMetrics(pb_utils, args["model_instance_name"])
 
     def execute(self, requests):
         pb = self._pb
         for request in requests:
-            sender, received = request.get_response_sender(), time.perf_counter()
+            sender = request.get_response_sender()
 
             def get(name, request=request):
                 tensor = pb.get_input_tensor_by_name(request, name)
@@ -61,51 +60,51 @@ class TritonPythonModel:
             try:
                 generation = request_from_inputs(get, self._defaults)
             except HybridStitchError as e:
-                self._refuse(sender, received, str(e), pb.TritonError.INVALID_ARG)
+                self._refuse(sender, str(e), pb.TritonError.INVALID_ARG)
                 continue
             self._slots.acquire()  # the runner is full: wait, keeping later requests in Triton's queue
-            self._metrics.submitted()  # before the submit: a fast failure must not count down first
             try:
                 future = self._runner.submit(generation)
             except HybridStitchError as e:  # closed: the server is shutting down
                 self._slots.release()
-                self._refuse(sender, received, str(e), pb.TritonError.UNAVAILABLE, was_submitted=True)
+                self._refuse(sender, str(e), pb.TritonError.UNAVAILABLE)
                 continue
-            future.add_done_callback(functools.partial(self._respond, sender, received))
+            future.add_done_callback(functools.partial(self._respond, sender))
         return None  # every response goes through its request's sender
 
-    def _respond(self, sender, received: float, future) -> None:
+    def _respond(self, sender, future) -> None:
         """Runs on the runner's thread when one request is done."""
         pb = self._pb
         try:
             image, trace = future.result()
         except HybridStitchError as e:
-            response, ok = self._error(str(e), pb.TritonError.INVALID_ARG), False
+            response = self._error(str(e), pb.TritonError.INVALID_ARG)
         except BaseException as e:  # noqa: BLE001 - a bug (or a cancelled future): this request fails, the server goes on
-            pb.Logger.log_error(f"hybridstitch: request failed: {traceback.format_exc()}")
+            # stderr, not pb_utils.Logger: this runs on the runner's thread, and the stub's IPC objects
+            # are not safe there (its custom metrics segfaulted from such a thread in 2.51).
+            print(f"hybridstitch: request failed: {traceback.format_exc()}", file=sys.stderr, flush=True)
             response = self._error(f"internal error in hybridstitch ({type(e).__name__}: {e}); see the server log",
                                    pb.TritonError.INTERNAL)
-            ok = False
         else:
             outputs = [pb.Tensor("image", image[None]), pb.Tensor("trace", trace_bytes(trace))]  # [1, H, W, C], [1, 1]
-            response, ok = pb.InferenceResponse(output_tensors=outputs), True
-        # Counted before the send, so a client holding its answer finds it in the metrics.
-        self._metrics.answered(time.perf_counter() - received, ok)
+            response = pb.InferenceResponse(output_tensors=outputs)
         try:
             sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         finally:
             self._slots.release()
 
-    def _refuse(self, sender, received: float, message: str, code, was_submitted: bool = False) -> None:
+    def _refuse(self, sender, message: str, code) -> None:
         """Answers a request the runner never took."""
-        self._metrics.answered(time.perf_counter() - received, ok=False, was_submitted=was_submitted)
         sender.send(self._error(message, code), flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _error(self, message: str, code):
-        self._pb.Logger.log_info(f"hybridstitch: request refused: {message}")
         return self._pb.InferenceResponse(error=self._pb.TritonError(message, code))
 
     def finalize(self) -> None:
         if hasattr(self, "_runner"):  # absent when initialize failed
             self._runner.close()  # queued requests fail with "shut down"; the one running finishes
+            # Free the engines (ONNX Runtime sessions, their thread pools) now, while the interpreter
+            # is whole, not in the stub's exit path.
+            del self._runner
+            gc.collect()
 
