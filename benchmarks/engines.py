@@ -192,9 +192,8 @@ def main(argv=None) -> dict:
         pe = torch.randn(b, t, spec.joint_attention_dim, generator=g)
         pooled = torch.randn(b, spec.pooled_projection_dim, generator=g)
         ts_in = torch.full((b,), 500.0)
-        ort_cache, torch_cache = engines.large.new_cache(b, lh, lw), tl.new_cache(b, lh, lw)
-        engines.large.forward(x, pe, pooled, ts_in, cache=ort_cache)
-        tl.forward(x, pe, pooled, ts_in, cache=torch_cache)
+        _, ort_cache = engines.large.forward_store(x, pe, pooled, ts_in)
+        _, torch_cache = tl.forward_store(x, pe, pooled, ts_in)
         index = {r: torch.stack([torch.sort(torch.randperm(n, generator=g)[:k]).values for _ in range(b)])
                  for r, k in ks.items()}
         feeds_full = {"latents": x.numpy(), "prompt_embeds": pe.numpy(), "pooled": pooled.numpy(), "timestep": ts_in.numpy()}
@@ -204,9 +203,9 @@ def main(argv=None) -> dict:
         runs = {
             ("small", "onnxruntime"): lambda: engines.small.forward(x, pe, pooled, ts_in),
             ("small", "torch"): lambda: ts.forward(x, pe, pooled, ts_in),
-            ("full", "shared"): lambda: engines.large.forward(x, pe, pooled, ts_in, cache=ort_cache),
+            ("full", "shared"): lambda: engines.large.forward_store(x, pe, pooled, ts_in),
             ("full", "dedicated"): lambda: full_session.run(None, feeds_full),
-            ("full", "torch"): lambda: tl.forward(x, pe, pooled, ts_in, cache=torch_cache),
+            ("full", "torch"): lambda: tl.forward_store(x, pe, pooled, ts_in),
         }
         for r, idx in index.items():
             runs[(r, "shared")] = lambda idx=idx: engines.large.forward_masked(x, pe, pooled, ts_in, idx, ort_cache)

@@ -674,11 +674,10 @@ def part_masked(ctx: Context, report: PartReport) -> None:
                 if ctx.left() < need:
                     report.note(f"{dname} {size}x{size} {mode}: not run (time limit; needs ~{need:.0f} s)")
                     return report.finish("partial", "time limit reached; later configurations not run")
-                cache = large.new_cache(2, h, w)
-                calls = {"full": lambda: large.forward(x, pe, pooled, ts, cache=cache)}
-                calls["full"]()  # fills the cache the masked calls read
+                calls = {"full": lambda: large.forward_store(x, pe, pooled, ts)}
+                _, caches = calls["full"]()  # the caches the masked calls read (the caller owns them)
                 for r, index in indices.items():
-                    calls[f"masked {r:g}"] = (lambda index=index: large.forward_masked(x, pe, pooled, ts, index=index, cache=cache))
+                    calls[f"masked {r:g}"] = (lambda index=index: large.forward_masked(x, pe, pooled, ts, index, caches))
                 calls["small"] = lambda: small.forward(x, pe, pooled, ts)
                 row = {"dtype": dname, "size": size, "mode": mode, "N": n, "T": text, "calls": {}}
                 t_round = time.time()
@@ -688,7 +687,7 @@ def part_masked(ctx: Context, report: PartReport) -> None:
                 try:
                     for name, fn in calls.items():
                         if mode == "cuda graph":
-                            fn, graph = graphed(fn, before_capture=lambda: keep.append(dict(cache.layers)))
+                            fn, graph = graphed(fn, before_capture=lambda: keep.append(dict(caches)))
                             keep.append(graph)
                         row["calls"][name] = stats(time_call(fn, iters, warmup, ctx.cuda))
                 except Exception as error:  # noqa: BLE001 -- e.g. a capture that fails: this configuration's result
@@ -787,16 +786,16 @@ def part_e2e(ctx: Context, report: PartReport) -> None:
     n_tok = (h // 2) * (w // 2)
 
     # 1. per-call latencies (what the latency model is fed)
-    cache = large.new_cache(2, h, w)
+    _, caches = large.forward_store(x, pe, pooled, ts)
     calls = {"large": stats(time_call(lambda: large.forward(x, pe, pooled, ts), iters, warmup, ctx.cuda)),
-             "large+kv": stats(time_call(lambda: large.forward(x, pe, pooled, ts, cache=cache), iters, warmup, ctx.cuda)),
+             "large+kv": stats(time_call(lambda: large.forward_store(x, pe, pooled, ts), iters, warmup, ctx.cuda)),
              "small": stats(time_call(lambda: small.forward(x, pe, pooled, ts), iters, warmup, ctx.cuda))}  # fmt: skip
     g = torch.Generator().manual_seed(a.seed)
     masked = {}
     for r in BUCKETS:
         k = tokens_for_ratio(r, n_tok)
         index = torch.sort(torch.randperm(n_tok, generator=g)[:k]).values.to(ctx.device)[None].expand(2, -1).contiguous()
-        masked[r] = stats(time_call(lambda: large.forward_masked(x, pe, pooled, ts, index=index, cache=cache), iters, warmup, ctx.cuda))
+        masked[r] = stats(time_call(lambda: large.forward_masked(x, pe, pooled, ts, index, caches), iters, warmup, ctx.cuda))
         masked[r]["tokens"] = k
     lat = CallLatencies(calls["large"]["median"], calls["small"]["median"], {r: m["median"] for r, m in masked.items()})
     report["per_call"] = {**calls, "large_masked": {str(r): m for r, m in masked.items()}}
@@ -837,7 +836,7 @@ def part_e2e(ctx: Context, report: PartReport) -> None:
     report.save()
 
     def run(c, stages):
-        return replay_denoise(large, small, scheduler, latents, cond, c, stages, 4.5)[1]
+        return replay_denoise(large, small, scheduler, latents, cond, c, stages, 4.5)[1][0]
 
     warm = ReplaySwitches(stitch=(2, 4), tstitch=2, srdiffusion=2)
     for c in keep:  # warm the loop itself (the calls are warm already)
@@ -947,13 +946,12 @@ def part_memory(ctx: Context, report: PartReport, export_module=None) -> None:
 
     measured = {"weights_large": nbytes(large.model.parameters()), "weights_small": nbytes(small.model.parameters())}
     x, pe, pooled, ts, h, w = step_inputs(large, 2, size, size, text, ctx.device, dtype, ctx.args.seed)
-    cache = large.new_cache(2, h, w)
     if ctx.cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    large.forward(x, pe, pooled, ts, cache=cache)
-    measured["kv_cache"] = nbytes(t for pair in cache.layers.values() for t in pair)
+    _, caches = large.forward_store(x, pe, pooled, ts)
+    measured["kv_cache"] = nbytes(caches.values())
     if ctx.cuda:
         measured["activations"] = torch.cuda.max_memory_allocated() - before - measured["kv_cache"]
     for item in sorted(set(plan) | set(measured)):

@@ -63,15 +63,14 @@ def main(argv=None) -> dict:
 
     den, (x, enc, pooled, t) = build(args.layers, args.heads, args.latent, args.text_tokens)
     n = (args.latent // 2) ** 2
-    cache = den.new_cache(2, args.latent, args.latent)
-    den.forward(x, enc, pooled, t, cache=cache)
+    _, caches = den.forward_store(x, enc, pooled, t)
     idx = {r: torch.sort(torch.randperm(n)[: math.ceil(r * n)]).values[None].repeat(2, 1) for r in args.ratios}
 
     def run_full():
-        den.forward(x, enc, pooled, t, cache=cache)
+        den.forward_store(x, enc, pooled, t)
 
     def run_masked(r):
-        den.forward_masked(x, enc, pooled, t, idx[r], cache)
+        den.forward_masked(x, enc, pooled, t, idx[r], caches)
 
     timer = InterleavedTimer(reps=args.reps, warmup=1)
     timer.add("full", run_full)

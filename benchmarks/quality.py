@@ -164,7 +164,7 @@ def run(settings: QualitySettings) -> dict:
             a["images"].append(res.images)
             a["traces"].extend(res.traces)
             a["wall"] += res.wall_seconds
-            a["modelled"] += modelled_seconds(res.traces, lat)
+            a["modelled"] += modelled_seconds(res.traces, lat, batch)
             print(f"  seed {seed} {label:<36} FD {q['fd']:7.1f} acc {q['accuracy']:.3f} dist {q['feature_distance']:5.2f} "
                   f"psnr {q['psnr']:5.1f} wall {res.wall_seconds:6.1f}s ({time.perf_counter() - t_start:.0f}s)", flush=True)
         # A report after every seed, so a run cut short still leaves its finished seeds.

@@ -263,16 +263,27 @@ def select_build(manifest, device: DeviceInfo, folder: str, attention: str | Non
 EngineProfile = dict[str, "int | list[int]"]
 
 
+def profile_batches(max_batch: int) -> list[int]:
+    """The batches (rows, CFG included) TensorRT builds profiles for: 1, 2, 4, ... up to and with
+    ``max_batch``; a batch in between runs padded up to the next one."""
+    batches = {max_batch}
+    b = 1
+    while b < max_batch:
+        batches.add(b)
+        b *= 2
+    return sorted(batches)
+
+
 def engine_profiles(manifest, name: str) -> list[EngineProfile]:
     """The optimization profiles TensorRT builds for graph ``name`` of ``manifest``: the small
-    engine at the manifest's batch; the large engine at that batch and each bucket's k, then
-    k = N for the full step. One engine holds them all with one copy of the weights."""
-    batch = manifest.batch
+    engine at each profile batch; the large engine at each batch and each bucket's k, then k = N
+    for the full step. One engine holds them all with one copy of the weights."""
+    batches = profile_batches(manifest.batch)
     if name == "small":
-        return [{"batch": batch}]
+        return [{"batch": b} for b in batches]
     n = manifest.tokens["image"]
     ks = sorted({b.masked_tokens for b in manifest.buckets} | {n})
-    return [{"batch": batch, "k": k} for k in ks]
+    return [{"batch": b, "k": k} for b in batches for k in ks]
 
 
 def profile_covers(profile: EngineProfile, sizes: dict[str, int]) -> bool:
@@ -343,6 +354,7 @@ __all__ = [
     "EngineProfile",
     "check_engine_file",
     "engine_profiles",
+    "profile_batches",
     "profile_covers",
     "profile_shapes",
     "shape_matches",

@@ -12,7 +12,7 @@ shapes and dtypes against the manifest. A request is checked against the manifes
 
 Runtime:
 
-* Two ``InferenceSession``\ s, made once: the small graph and THE large graph, so the large
+* Two ``InferenceSession`` objects, made once: the small graph and THE large graph, so the large
   weights are held once. The large graph takes any number of masked tokens k: a masked step
   runs it on ``ceil(r * N)`` tokens (exactly: no bucket rounds it up; the trace's
   ``bucket_ratio`` equals the mask ratio), the full step at k = N with every position.
@@ -20,11 +20,10 @@ Runtime:
 * Every call runs through IO binding: torch inputs and outputs are bound by pointer (no
   numpy round trip), in the engine precision; fp16 engines get their inputs cast at the
   boundary and return outputs in the caller's dtype.
-* The KV cache (:class:`OrtKVCache`) lives in ``OrtValue``\ s between steps, never in numpy or
-  torch. Each step reads the current buffers and writes the updated caches into a second set,
-  then the two sets swap: ONNX Runtime cannot alias an output onto an input, so double
-  buffering is what avoids a copy. A cache therefore holds 2 x (slots x 2 x B x H x N x D)
-  elements. Steps that keep no cache (large-only runs) write a scratch set per batch size.
+* The KV caches belong to the caller (:mod:`hybridstitch.kvcache`): torch tensors bound by
+  pointer as inputs, and the updated caches written into new tensors (ONNX Runtime cannot alias
+  an output onto an input), so a step holds two sets: the one it reads and the one it writes.
+  The full step's cache inputs are a zeroed scratch set per batch size (every row is rewritten).
 
 Providers: CPU by default. ``providers=["cuda"]`` or ``["tensorrt"]`` (or full names such as
 ``"CUDAExecutionProvider"``, optionally ``(name, options)`` pairs) need ``onnxruntime-gpu``;
@@ -34,13 +33,15 @@ they are checked when asked for, never required. Intra-op threads: ``num_threads
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from hybridstitch.denoiser import Bucket, require_filled
+from hybridstitch.denoiser import Bucket
+from hybridstitch.kvcache import Caches
 from hybridstitch.errors import HybridStitchError
 from hybridstitch.masks import tokens_for_ratio
 from hybridstitch.tokens import unpatchify
@@ -147,6 +148,8 @@ class OrtGraph:
         self.outputs = {t.name: t for t in entry.outputs}
         self._device_type = "cuda" if device.type == "cuda" else "cpu"
         self._device_id = device.index or 0
+        self._binding = None  # one IO binding per graph, rebound every call
+        self.last_run_seconds: float | None = None  # the engine's own time in the latest run
 
     def _check_io(self) -> None:
         for kind, got, want in (
@@ -172,6 +175,10 @@ class OrtGraph:
         t = self.outputs[name]
         return torch.empty(t.resolve(sizes), dtype=TORCH_DTYPES[t.dtype], device=self.device)
 
+    def empty_input(self, name: str, sizes: dict[str, int]) -> torch.Tensor:
+        t = self.inputs[name]
+        return torch.empty(t.resolve(sizes), dtype=TORCH_DTYPES[t.dtype], device=self.device)
+
     def prepare(self, name: str, x: torch.Tensor, sizes: dict[str, int]) -> torch.Tensor:
         """A caller's tensor as this input wants it (device, dtype, contiguous); shape checked."""
         t = self.inputs[name]
@@ -187,7 +194,11 @@ class OrtGraph:
         """Bind torch tensors (by pointer) or OrtValues to every input and output, then run.
 
         The tensors must stay alive until this returns (they do: the caller holds them)."""
-        binding = self.session.io_binding()
+        if self._binding is None:
+            self._binding = self.session.io_binding()
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
         for name, x in inputs.items():
             if isinstance(x, torch.Tensor):
                 binding.bind_input(name, self._device_type, self._device_id, NUMPY_DTYPES[self.inputs[name].dtype],
@@ -202,31 +213,9 @@ class OrtGraph:
                 binding.bind_ortvalue_output(name, y)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
+        t0 = time.perf_counter()
         self.session.run_with_iobinding(binding)
-
-
-# -- the cache ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class OrtKVCache:
-    """One request's image-token K/V of every slot as ``OrtValue``s, double-buffered.
-
-    ``current[name]`` holds the latest cache (names ``cache_k.{slot}`` / ``cache_v.{slot}``,
-    each ``[B, H, N, D]``); a masked step writes into ``spare`` and the two swap."""
-
-    batch: int
-    num_tokens: int
-    current: dict[str, Any] = field(default_factory=dict)
-    spare: dict[str, Any] = field(default_factory=dict)
-    filled: bool = False
-
-    def swap(self) -> None:
-        self.current, self.spare = self.spare, self.current
-
-    def to_torch(self) -> dict[str, torch.Tensor]:
-        """A copy of the current cache as torch tensors (for checks; the runtime never needs it)."""
-        return {name: torch.from_numpy(np.array(v.numpy())) for name, v in self.current.items()}
+        self.last_run_seconds = time.perf_counter() - t0
 
 
 # -- denoisers ---------------------------------------------------------------------------------------
@@ -248,6 +237,11 @@ class OrtDenoiser(EngineDenoiser):
 
     backend = "onnxruntime"
 
+    @property
+    def last_run_seconds(self) -> float | None:
+        """The engine's own time in the latest call (the call's Python around it is the runtime's overhead)."""
+        return self.graph.last_run_seconds
+
     def __init__(self, name: str, graph: OrtGraph, manifest, folder: str):
         super().__init__(name, manifest, folder, graph.device)
         self.graph = graph
@@ -268,10 +262,14 @@ class OrtLargeDenoiser(EngineLargeDenoiser):
 
     backend = "onnxruntime"
 
+    @property
+    def last_run_seconds(self) -> float | None:
+        return self.graph.last_run_seconds
+
     def __init__(self, graph: OrtGraph, manifest, folder: str):
         super().__init__(manifest, folder, graph.device)
         self.graph = graph
-        self._scratch: dict[int, OrtKVCache] = {}  # batch -> caches of full steps that keep none
+        self._scratch: dict[int, dict[str, torch.Tensor]] = {}  # rows -> cache inputs of full steps (overwritten)
 
     def bucket_for(self, ratio: float, num_tokens: int) -> Bucket:
         """Exactly ``ceil(ratio * N)`` tokens: the graph takes any k, so no bucket rounds it up."""
@@ -281,47 +279,44 @@ class OrtLargeDenoiser(EngineLargeDenoiser):
     def validate_request(self, batch: int, height: int, width: int, mask_ratios=()) -> None:
         EngineDenoiser.validate_request(self, batch, height, width)  # any ratio: no bucket to find
 
-    def new_cache(self, batch: int, height: int, width: int) -> OrtKVCache:
-        self.check_cache_request(batch, height, width)
-        ort = _ort()
-        cache = OrtKVCache(batch=batch, num_tokens=self.manifest.tokens["image"])
-        device_type = "cuda" if self.device.type == "cuda" else "cpu"
-        for name in self.cache_names:
-            t = self.graph.inputs[name]
-            for buffers in (cache.current, cache.spare):
-                buffers[name] = ort.OrtValue.ortvalue_from_shape_and_type(
-                    t.resolve({BATCH: batch}), NUMPY_DTYPES[t.dtype], device_type, self.device.index or 0
-                )
-        return cache
+    def _scratch_caches(self, rows: int) -> dict[str, torch.Tensor]:
+        """Cache inputs of a full step: read by the graph, every row rewritten, so their values never matter."""
+        if rows not in self._scratch:
+            self._scratch[rows] = {n: self.graph.empty_input(n, {BATCH: rows}).zero_() for n in self.cache_names}
+        return self._scratch[rows]
 
-    def _run(self, latents, prompt_embeds, pooled, timestep, index, cache: OrtKVCache) -> torch.Tensor:
-        """One run of the graph: reads ``cache.current``, writes the updated caches into
-        ``cache.spare`` (ONNX Runtime cannot alias an output onto an input), then the two swap.
-        Returns the tokens [B, k, p*p*C]."""
+    def _run(self, latents, prompt_embeds, pooled, timestep, index, caches: Caches) -> tuple[torch.Tensor, Caches]:
+        """One run of the graph over ``caches`` (not modified): (tokens [B, k, E], the updated caches as new
+        tensors -- ONNX Runtime cannot alias an output onto an input)."""
         sizes = {BATCH: latents.shape[0], MASKED: index.shape[1]}
         inputs = full_inputs(self, self.graph, sizes, latents, prompt_embeds, pooled, timestep)
         inputs["index"] = self.graph.prepare("index", index, sizes)
-        inputs.update(cache.current)
+        for name in self.cache_names:
+            inputs[name] = self.graph.prepare(name, caches[name], sizes)
         tokens = self.graph.empty("tokens", sizes)
-        self.graph.run(inputs, {"tokens": tokens, **{f"new_{name}": v for name, v in cache.spare.items()}})
-        cache.swap()
-        return tokens
+        new = {name: self.graph.empty(f"new_{name}", sizes) for name in self.cache_names}
+        self.graph.run(inputs, {"tokens": tokens, **{f"new_{name}": t for name, t in new.items()}})
+        return tokens, new
 
-    @torch.no_grad()
-    def forward(self, latents, prompt_embeds, pooled, timestep, cache: OrtKVCache | None = None):
+    def _full(self, latents, prompt_embeds, pooled, timestep):
         b, _, h, w = latents.shape
-        if cache is None:  # the graph still reads and writes caches: a scratch set per batch size
-            cache = self._scratch.get(b) or self._scratch.setdefault(b, self.new_cache(b, *self.manifest.latent_size))
         n = self.manifest.tokens["image"]
         every = torch.arange(n, device=self.device).expand(b, n)  # [B, N]: all positions, in order
-        tokens = self._run(latents, prompt_embeds, pooled, timestep, every, cache)
-        cache.filled = True
-        return unpatchify(tokens, self.spec.patch_size, h, w).to(latents.dtype)  # [B, C, H, W]
+        tokens, caches = self._run(latents, prompt_embeds, pooled, timestep, every, self._scratch_caches(b))
+        return unpatchify(tokens, self.spec.patch_size, h, w).to(latents.dtype), caches  # [B, C, H, W]
 
     @torch.no_grad()
-    def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, cache: OrtKVCache):
-        require_filled(cache)
-        return self._run(latents, prompt_embeds, pooled, timestep, index, cache).to(latents.dtype)
+    def forward(self, latents, prompt_embeds, pooled, timestep):
+        return self._full(latents, prompt_embeds, pooled, timestep)[0]
+
+    @torch.no_grad()
+    def forward_store(self, latents, prompt_embeds, pooled, timestep):
+        return self._full(latents, prompt_embeds, pooled, timestep)
+
+    @torch.no_grad()
+    def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, caches: Caches):
+        tokens, new = self._run(latents, prompt_embeds, pooled, timestep, index, caches)
+        return tokens.to(latents.dtype), new
 
 
 # -- loading ---------------------------------------------------------------------------------------

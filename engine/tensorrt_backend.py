@@ -16,26 +16,27 @@ Runtime, in the manner of TensorRT-LLM's session and TensorRT's demo/Diffusion (
 :mod:`.tensorrt_engine`):
 
 * two engines: the small one, and ONE large engine (one copy of the weights) with one
-  optimization profile per bucket (min = opt = max = k: static-shape kernels per bucket) plus
-  the k = N profile that runs the full step. Each profile gets one execution context, created
-  with user-managed device memory: every context of both engines shares ONE activation block
-  sized to the largest (they run one at a time on one stream), as demo/Diffusion's engines do;
+  optimization profile per (batch, bucket) -- min = opt = max, so every bucket keeps its
+  static-shape kernels -- plus the k = N profiles that run the full step. A batch without a
+  profile of its own is padded up to the next one (the padding rows' outputs are dropped). Each
+  profile gets one execution context, created with user-managed device memory: every context of
+  both engines shares ONE activation block sized to the largest (they run one at a time on one
+  stream), as demo/Diffusion's engines do;
 * every I/O buffer but the caches is a torch CUDA tensor allocated once per profile (inputs are
   copied into theirs, outputs copied out to the caller's dtype), bound with
   ``set_tensor_address`` after ``set_input_shape`` and run with ``execute_async_v3`` on the
   engines' one CUDA stream;
-* the KV cache lives on the device between steps, in two buffer sets owned by the large
-  denoiser (:class:`TrtKVCache`): every large step reads the current set and writes the spare
-  one, then they swap. TensorRT may alias an output onto an input only inside the network, not
-  across its I/O boundary, so the plugin's in-place cache update becomes, at the engine's edge,
-  "copy the cache once, update k rows": the two sets make that copy the only one. Both sets are
-  allocated once, so one request at a time runs on an engine set (a second ``new_cache`` retires
-  the first);
-* CUDA graphs: per profile the shapes are static, and every call binds one of two address sets
-  (which cache set is read / written), so after the first execution of each, the call is captured
-  into a ``torch.cuda.CUDAGraph`` (TensorRT's advice: enqueue once before capturing; capture
-  errors are thread-local, as trtexec's) and later calls replay it. Fallback: engines with a
-  Python (JIT) plugin -- Torch-TensorRT's -- and any engine whose capture fails run
+* the KV caches belong to the caller (:mod:`hybridstitch.kvcache`, one per sample, batched per
+  call): bound by address as inputs, and the updated caches written into new device tensors.
+  TensorRT may alias an output onto an input only inside the network, not across its I/O
+  boundary, so the plugin's in-place cache update becomes, at the engine's edge, "copy the cache
+  once, update k rows";
+* CUDA graphs: per profile the shapes are static, and a call is captured into a
+  ``torch.cuda.CUDAGraph`` after its first execution (TensorRT's advice: enqueue once before
+  capturing; capture errors are thread-local, as trtexec's), keyed by the cache addresses it
+  binds; torch's caching allocator hands the same few cache buffers back step after step, so
+  steady batches replay (a few graphs per profile are kept). Fallback: engines with a Python
+  (JIT) plugin -- Torch-TensorRT's -- and any engine whose capture fails run
   ``execute_async_v3`` directly (the failure is logged once and listed in ``EngineSet.notes``);
   ``cuda_graphs=False`` turns capture off.
 
@@ -51,7 +52,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybridstitch.denoiser import require_filled
 from hybridstitch.errors import HybridStitchError
 from hybridstitch.tokens import unpatchify
 
@@ -69,37 +69,6 @@ from .manifest import BATCH, MASKED
 from .tensorrt_engine import TORCH_DTYPES, DeviceMemory, TrtEngine, TrtRuntime
 
 log = logging.getLogger(__name__)
-
-
-# -- the cache ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrtKVCache:
-    """One request's image-token K/V of every slot, on the device, in two buffer sets owned by the
-    large denoiser: ``sets[index]`` holds the latest cache (names ``cache_k.{slot}`` /
-    ``cache_v.{slot}``, each ``[B, H, N, D]``); a step writes the other set and they swap."""
-
-    batch: int
-    num_tokens: int
-    sets: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
-    index: int = 0
-    filled: bool = False
-
-    @property
-    def current(self) -> dict[str, torch.Tensor]:
-        return self.sets[self.index]
-
-    @property
-    def spare(self) -> dict[str, torch.Tensor]:
-        return self.sets[1 - self.index]
-
-    def swap(self) -> None:
-        self.index = 1 - self.index
-
-    def to_torch(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the current cache (for checks; the runtime never needs it)."""
-        return {name: t.detach().to("cpu", copy=True) for name, t in self.current.items()}
 
 
 # -- denoisers ---------------------------------------------------------------------------------------------
@@ -130,6 +99,12 @@ def text_inputs(den: EngineDenoiser, latents, prompt_embeds, pooled, timestep) -
     return {"latents": latents, "prompt_embeds": prompt_embeds, "pooled": pooled, "timestep": timestep}
 
 
+def batch_problem(engine: TrtEngine, manifest, batch: int) -> str | None:
+    if engine.covers({BATCH: batch}) or (engine.max_batch() or 0) >= batch:
+        return None  # a profile's own batch, or padded up to one
+    return f"hold TensorRT profiles up to batch {engine.max_batch()} (CFG included)"
+
+
 class TrtDenoiser(EngineDenoiser):
     """A full transformer engine (the small one)."""
 
@@ -141,21 +116,21 @@ class TrtDenoiser(EngineDenoiser):
         self.stream = stream
 
     def batch_problem(self, batch: int) -> str | None:
-        if self.engine.covers({BATCH: batch}):
-            return None
-        return f"hold TensorRT profiles for batch {self.manifest.batch} (CFG included) only"
+        return batch_problem(self.engine, self.manifest, batch)
 
     @torch.no_grad()
-    def forward(self, latents, prompt_embeds, pooled, timestep, cache=None):
+    def forward(self, latents, prompt_embeds, pooled, timestep):
+        b = latents.shape[0]
         with self.stream():
-            out = self.engine.run(text_inputs(self, latents, prompt_embeds, pooled, timestep),
-                                  {BATCH: latents.shape[0]}, {}, key="full")
-        return out["velocity"].to(device=latents.device, dtype=latents.dtype, copy=True)
+            out = self.engine.run(text_inputs(self, latents, prompt_embeds, pooled, timestep), {BATCH: b})
+        return out["velocity"][:b].to(device=latents.device, dtype=latents.dtype, copy=True)
 
 
 class TrtLargeDenoiser(EngineLargeDenoiser):
-    """The large transformer: ONE engine (one copy of the weights), one profile per bucket plus
-    the k = N profile of the full step."""
+    """The large transformer: ONE engine (one copy of the weights), one profile per bucket (and
+    batch) plus the k = N profile of the full step. The caches belong to the caller: bound by
+    address as inputs, the updated ones written into new device tensors (an engine cannot alias an
+    output onto an input across its I/O boundary)."""
 
     backend = "tensorrt"
 
@@ -163,70 +138,50 @@ class TrtLargeDenoiser(EngineLargeDenoiser):
         super().__init__(manifest, folder, engine.device)
         self.engine = engine
         self.stream = stream
-        self._sets: tuple[dict, dict] | None = None
-        self._active: TrtKVCache | None = None
+        self._scratch: dict[int, dict[str, torch.Tensor]] = {}  # rows -> cache inputs of full steps
 
     def batch_problem(self, batch: int) -> str | None:
-        if self.engine.covers({BATCH: batch}):
-            return None
-        return f"hold TensorRT profiles for batch {self.manifest.batch} (CFG included) only"
+        return batch_problem(self.engine, self.manifest, batch)
 
-    def _cache_sets(self) -> tuple[dict, dict]:
-        if self._sets is None:  # allocated once, on first need
-            sizes = {BATCH: self.manifest.batch}
-            self._sets = tuple(
-                {n: torch.empty(self.engine.inputs[n].resolve(sizes), dtype=TORCH_DTYPES[self.engine.inputs[n].dtype],
-                                device=self.device) for n in self.cache_names}
-                for _ in range(2)
-            )
-        return self._sets
+    def _empty_caches(self, rows: int) -> dict[str, torch.Tensor]:
+        return {n: torch.empty(self.engine.inputs[n].resolve({BATCH: rows}), dtype=TORCH_DTYPES[self.engine.inputs[n].dtype],
+                               device=self.device) for n in self.cache_names}
 
-    def new_cache(self, batch: int, height: int, width: int) -> TrtKVCache:
-        self.check_cache_request(batch, height, width)
-        self._active = TrtKVCache(batch=batch, num_tokens=self.manifest.tokens["image"], sets=self._cache_sets())
-        return self._active
-
-    def _check_cache(self, cache: TrtKVCache) -> None:
-        if cache is not self._active:
-            raise HybridStitchError(
-                "this KV cache belongs to an earlier request: the TensorRT caches live in the engine set's device "
-                "buffers, so one request at a time runs on it (new_cache retires the previous cache). Load another "
-                "engine set for concurrent requests"
-            )
-
-    def _run(self, latents, prompt_embeds, pooled, timestep, index, read: int, key) -> torch.Tensor:
-        """One run of the engine reading cache set ``read`` and writing the other; the tokens [B, k, E]."""
-        sets = self._cache_sets()
-        caches = {**sets[read], **{f"new_{n}": t for n, t in sets[1 - read].items()}}
+    def _run(self, latents, prompt_embeds, pooled, timestep, index, caches: dict | None):
+        """One run: the tokens [B, k, E] and the updated caches (new tensors, B rows)."""
+        b = latents.shape[0]
+        sizes = {BATCH: b, MASKED: index.shape[1]}
+        rows = self.engine.run_sizes(sizes)[BATCH]
+        if caches is None:  # the full step: every row is rewritten, the inputs' values never matter
+            caches = self._scratch.setdefault(rows, self._empty_caches(rows))
+        elif rows > b:  # padded to the profile's batch: the padding rows repeat the last one
+            caches = {n: torch.cat([t, t[-1:].expand(rows - b, *t.shape[1:])]) for n, t in caches.items()}
+        new = self._empty_caches(rows)
         inputs = {**text_inputs(self, latents, prompt_embeds, pooled, timestep), "index": index}
-        sizes = {BATCH: latents.shape[0], MASKED: index.shape[1]}
         with self.stream():
-            out = self.engine.run(inputs, sizes, caches, key=(key, read))
-        return out["tokens"].to(device=latents.device, dtype=latents.dtype, copy=True)
+            out = self.engine.run(inputs, sizes, {n: t.contiguous() for n, t in caches.items()},
+                                  {f"new_{n}": t for n, t in new.items()})
+            tokens = out["tokens"][:b].to(device=latents.device, dtype=latents.dtype, copy=True)
+        return tokens, {n: t[:b] for n, t in new.items()}
 
-    @torch.no_grad()
-    def forward(self, latents, prompt_embeds, pooled, timestep, cache: TrtKVCache | None = None):
+    def _full(self, latents, prompt_embeds, pooled, timestep):
         b, _, h, w = latents.shape
         n = self.manifest.tokens["image"]
         every = torch.arange(n, device=self.device).expand(b, n)  # [B, N]: the full step is k = N
-        if cache is None:
-            # nothing to keep: read the live set (if any) and write the spare one, which holds nothing live
-            read = self._active.index if self._active is not None else 0
-            tokens = self._run(latents, prompt_embeds, pooled, timestep, every, read, "full")
-        else:
-            self._check_cache(cache)
-            tokens = self._run(latents, prompt_embeds, pooled, timestep, every, cache.index, "full")
-            cache.swap()
-            cache.filled = True
-        return unpatchify(tokens, self.spec.patch_size, h, w)  # [B, C, H, W]
+        tokens, caches = self._run(latents, prompt_embeds, pooled, timestep, every, None)
+        return unpatchify(tokens, self.spec.patch_size, h, w), caches  # [B, C, H, W]
 
     @torch.no_grad()
-    def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, cache: TrtKVCache):
-        self._check_cache(cache)
-        require_filled(cache)
-        tokens = self._run(latents, prompt_embeds, pooled, timestep, index, cache.index, "masked")
-        cache.swap()
-        return tokens
+    def forward(self, latents, prompt_embeds, pooled, timestep):
+        return self._full(latents, prompt_embeds, pooled, timestep)[0]
+
+    @torch.no_grad()
+    def forward_store(self, latents, prompt_embeds, pooled, timestep):
+        return self._full(latents, prompt_embeds, pooled, timestep)
+
+    @torch.no_grad()
+    def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, caches):
+        return self._run(latents, prompt_embeds, pooled, timestep, index, caches)
 
 
 # -- loading ------------------------------------------------------------------------------------------------
@@ -323,5 +278,5 @@ def load_engines(
     )
 
 
-__all__ = ["DeviceMemory", "TrtDenoiser", "TrtEngine", "TrtEngineSet", "TrtKVCache", "TrtLargeDenoiser", "TrtRuntime",
+__all__ = ["DeviceMemory", "TrtDenoiser", "TrtEngine", "TrtEngineSet", "TrtLargeDenoiser", "TrtRuntime",
            "load_engines"]

@@ -18,6 +18,7 @@ import torch
 from hybridstitch.errors import HybridStitchError
 
 from .builds import EngineTensor, profile_covers, shape_matches
+from .manifest import BATCH
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,11 @@ TORCH_DTYPES = {
     "float": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
     "int32": torch.int32,
 }
+
+
+# Captured CUDA graphs kept per profile: a graph holds the cache addresses it was captured with,
+# and those change when the batch's samples change; the caching allocator keeps reusing a few.
+MAX_GRAPHS_PER_PROFILE = 8
 
 
 def is_cache(name: str) -> bool:
@@ -186,14 +192,39 @@ class TrtEngine:
     def covers(self, sizes: dict[str, int]) -> bool:
         return any(profile_covers(p, sizes) for p in self.profile_sizes)
 
-    def _profile(self, sizes: dict[str, int]) -> _Profile:
+    def _profile(self, sizes: dict[str, int]) -> tuple[_Profile, dict[str, int]]:
+        """The profile that runs ``sizes`` and the sizes it runs them at: the batch padded up to the
+        smallest profile batch that holds it (profiles are static per batch and k)."""
         for p in self.profiles:
             if profile_covers(p.sizes, sizes):
-                return p
+                return p, dict(sizes)
+        batch = sizes.get(BATCH)
+        fits = []
+        for p in self.profiles:
+            want = p.sizes.get(BATCH)
+            if batch is None or not isinstance(want, int) or want < batch:
+                continue
+            padded = dict(sizes, **{BATCH: want})
+            if profile_covers(p.sizes, padded):
+                fits.append((want, p, padded))
+        if fits:
+            _, p, padded = min(fits, key=lambda f: f[0])
+            return p, padded
         raise HybridStitchError(
             f"the {self.name} engine has no optimization profile for {sizes} (it has {self.profile_sizes}); "
             "re-export with the batch and buckets this request needs"
         )
+
+    def run_sizes(self, sizes: dict[str, int]) -> dict[str, int]:
+        """The sizes ``sizes`` run at (the batch padded up to a profile's)."""
+        return self._profile(sizes)[1]
+
+    def max_batch(self) -> int | None:
+        """The largest batch a profile takes (None when some profile's batch is unbounded here)."""
+        batches = [p.get(BATCH) for p in self.profile_sizes]
+        if any(b is None for b in batches):
+            return None
+        return max(b if isinstance(b, int) else b[-1] for b in batches)
 
     def _buffers(self, profile: _Profile, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
         key = tuple(sorted(sizes.items()))
@@ -209,25 +240,35 @@ class TrtEngine:
                 raise HybridStitchError(f"TensorRT refused the shape {t.resolve(sizes)} of {name} ({self.name} engine)")
         return buffers
 
-    def run(self, inputs: dict[str, torch.Tensor], sizes: dict[str, int], caches: dict[str, torch.Tensor],
-            key) -> dict[str, torch.Tensor]:
-        """Copy ``inputs`` into the profile's buffers (shapes checked), run with ``caches`` (I/O name
-        -> the cache set's tensor) bound, and return the output buffers (valid until the next run)."""
-        profile = self._profile(sizes)
-        buffers = self._buffers(profile, sizes)
+    def run(self, inputs: dict[str, torch.Tensor], sizes: dict[str, int], caches: dict[str, torch.Tensor] | None = None,
+            new_caches: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Run at ``sizes``: ``inputs`` copied into the profile's buffers (shapes checked), ``caches``
+        (input names -> tensors) and ``new_caches`` (output names -> tensors to write) bound by address.
+        Returns the output buffers (valid until the next run), at the padded batch when the request's
+        batch had no profile of its own (the caller keeps the first rows)."""
+        caches, new_caches = caches or {}, new_caches or {}
+        profile, run_sizes = self._profile(sizes)
+        buffers = self._buffers(profile, run_sizes)
         for name, x in inputs.items():
-            if list(x.shape) != list(buffers[name].shape):
+            want = list(buffers[name].shape)
+            if list(x.shape[1:]) != want[1:] or x.shape[0] > want[0]:
                 raise HybridStitchError(
-                    f"{name} has shape {list(x.shape)}, the {self.name} engine takes {list(buffers[name].shape)} "
+                    f"{name} has shape {list(x.shape)}, the {self.name} engine takes {want} "
                     "here: the resolution and text tokens are fixed at export"
                 )
-            buffers[name].copy_(x)
-        graph_key = (profile.index, tuple(sorted(sizes.items())), key)
+            buffers[name][: x.shape[0]].copy_(x)
+            if x.shape[0] < want[0]:  # padding rows: a copy of the last real row, their outputs are dropped
+                buffers[name][x.shape[0]:].copy_(x[-1:].expand(want[0] - x.shape[0], *x.shape[1:]))
+        bound = {**buffers, **caches, **new_caches}
+        # a captured graph replays the addresses it was captured with: key it by them
+        graph_key = (tuple(sorted(run_sizes.items())), tuple(sorted((n, t.data_ptr()) for n, t in {**caches,
+                                                                                                  **new_caches}.items())))
         graph = profile.graphs.get(graph_key)
         if graph is not None:
+            profile.graphs[graph_key] = profile.graphs.pop(graph_key)  # most recently used last
             graph.replay()
             return buffers
-        for name, tensor in {**buffers, **caches}.items():
+        for name, tensor in bound.items():
             profile.context.set_tensor_address(self.io_names.get(name, name), tensor.data_ptr())
         self._execute(profile)
         if self.cuda_graphs:
@@ -254,6 +295,8 @@ class TrtEngine:
             self._notes.append(note)
             return
         profile.graphs[key] = graph
+        while len(profile.graphs) > MAX_GRAPHS_PER_PROFILE:  # cache buffers move as batches change: keep the recent
+            profile.graphs.pop(next(iter(profile.graphs)))
 
 
 __all__ = ["DeviceMemory", "TORCH_DTYPES", "TrtEngine", "TrtRuntime", "is_cache"]

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from hybridstitch.denoiser import Bucket, TransformerSpec, require_filled
+from hybridstitch.denoiser import Bucket, TransformerSpec
+from hybridstitch.kvcache import Caches, cache_names
 from hybridstitch.masks import tokens_for_ratio
 from hybridstitch.plugins import cached_kv_attention
 from hybridstitch.tokens import gather_tokens
@@ -138,6 +139,23 @@ def masked_transformer_forward(model, latents, prompt_embeds, pooled, timestep, 
     return model.proj_out(hidden)  # [B, k, p*p*C_out]
 
 
+def caches_of(cache: TorchKVCache, spec: TransformerSpec) -> Caches:
+    """A TorchKVCache as the engines' I/O dict: ``{"cache_k.{layer}.{attn}": k, "cache_v...": v}``."""
+    out = {}
+    for (layer, attn), (k, v) in cache.layers.items():
+        out[f"cache_k.{layer}.{attn}"], out[f"cache_v.{layer}.{attn}"] = k, v
+    return {name: out[name] for name in cache_names(spec.attention_slots)}
+
+
+def cache_from(caches: Caches, spec: TransformerSpec) -> TorchKVCache:
+    """The inverse of :func:`caches_of` (views, no copies)."""
+    first = next(iter(caches.values()))
+    cache = TorchKVCache(batch=first.shape[0], num_tokens=first.shape[2], filled=True)
+    for layer, attn in spec.attention_slots:
+        cache.layers[(layer, attn)] = (caches[f"cache_k.{layer}.{attn}"], caches[f"cache_v.{layer}.{attn}"])
+    return cache
+
+
 class TorchDenoiser:
     """A diffusers ``SD3Transformer2DModel`` behind the :class:`~hybridstitch.denoiser.Denoiser` interface."""
 
@@ -163,16 +181,9 @@ class TorchDenoiser:
     def bucket_for(self, ratio: float, num_tokens: int) -> Bucket:
         return Bucket(ratio=ratio, masked_tokens=tokens_for_ratio(ratio, num_tokens))
 
-    def new_cache(self, batch: int, height: int, width: int) -> TorchKVCache:
-        p = self.spec.patch_size
-        return TorchKVCache(batch=batch, num_tokens=(height // p) * (width // p))
-
-    @torch.no_grad()
-    def forward(self, latents, prompt_embeds, pooled, timestep, cache: TorchKVCache | None = None):
-        kwargs = None
-        if cache is not None:
-            kwargs = {"stitch": _StitchContext("store", cache)}
-        out = self.model(
+    def _run(self, latents, prompt_embeds, pooled, timestep, cache: TorchKVCache | None):
+        kwargs = None if cache is None else {"stitch": _StitchContext("store", cache)}
+        return self.model(
             hidden_states=latents.to(self.dtype),
             encoder_hidden_states=prompt_embeds.to(self.dtype),
             pooled_projections=pooled.to(self.dtype),
@@ -180,19 +191,22 @@ class TorchDenoiser:
             joint_attention_kwargs=kwargs,
             return_dict=False,
         )[0]
-        if cache is not None:
-            cache.filled = True
-        return out
 
     @torch.no_grad()
-    def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, cache: TorchKVCache):
-        require_filled(cache)
-        return masked_transformer_forward(
-            self.model,
-            latents.to(self.dtype),
-            prompt_embeds.to(self.dtype),
-            pooled.to(self.dtype),
-            timestep,
-            index,
+    def forward(self, latents, prompt_embeds, pooled, timestep):
+        return self._run(latents, prompt_embeds, pooled, timestep, None)
+
+    @torch.no_grad()
+    def forward_store(self, latents, prompt_embeds, pooled, timestep):
+        cache = TorchKVCache(batch=latents.shape[0], num_tokens=0)
+        velocity = self._run(latents, prompt_embeds, pooled, timestep, cache)
+        return velocity, caches_of(cache, self.spec)
+
+    @torch.no_grad()
+    def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, caches: Caches):
+        cache = cache_from(caches, self.spec)
+        tokens = masked_transformer_forward(
+            self.model, latents.to(self.dtype), prompt_embeds.to(self.dtype), pooled.to(self.dtype), timestep, index,
             cache,
         )
+        return tokens, caches_of(cache, self.spec)

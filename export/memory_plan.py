@@ -121,16 +121,25 @@ class MemoryPlan:
 # -- counting -----------------------------------------------------------------------------------------------
 
 
-def transformer_parameters(config: dict) -> tuple[int, list[int]]:
-    """(all parameters, per block) of an ``SD3Transformer2DModel`` config, built on the meta device."""
+def _meta_transformer(config: dict):
     import torch
     from diffusers import SD3Transformer2DModel
 
     clean = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        model = SD3Transformer2DModel.from_config(clean)
+        return SD3Transformer2DModel.from_config(clean)
+
+
+def transformer_parameters(config: dict) -> tuple[int, list[int]]:
+    """(all parameters, per block) of an ``SD3Transformer2DModel`` config, built on the meta device."""
+    model = _meta_transformer(config)
     total = sum(p.numel() for p in model.parameters())
     return total, [sum(p.numel() for p in b.parameters()) for b in model.transformer_blocks]
+
+
+def full_config(config: dict) -> dict:
+    """``config`` with diffusers' defaults filled in (a partial config names only what differs)."""
+    return dict(_meta_transformer(config).config)
 
 
 def component_parameters(folder: str, name: str, library_class: tuple[str, str]) -> int | None:
@@ -201,6 +210,7 @@ def plan_memory(
         raise HybridStitchError(f"precision must be one of {', '.join(BYTES)}, got {precision!r}")
     if encoder_placement not in PLACEMENTS:
         raise HybridStitchError(f"encoders must be one of {', '.join(PLACEMENTS)}, got {encoder_placement!r}")
+    large_config, small_config = full_config(large_config), full_config(small_config)
     large = TransformerSpec.from_config(large_config)
     check_pair(large, TransformerSpec.from_config(small_config))
     p = large.patch_size

@@ -306,7 +306,8 @@ def build_engines(plan, out: str, loaders: dict, progress: bool = True,
             else:
                 spec = manifest.spec(name)
                 module_fn = _module_fn(loaders[name], GRAPH_MODULES[name])
-                first = {k: (v if isinstance(v, int) else v[1]) for k, v in profiles[0].items()}
+                at = next((p for p in profiles if p.get(BATCH) == manifest.batch), profiles[0])
+                first = {k: (v if isinstance(v, int) else v[1]) for k, v in at.items()}
                 example = example_inputs(name, spec, shapes, DTYPES[manifest.precision], first.get(MASKED),
                                          batch=first[BATCH])
                 bar.set_postfix_str("verify")
@@ -378,15 +379,18 @@ def _verify(section, entry, name, out, options, module_fn, example, precision) -
 
 
 def build_profiles(manifest, name: str, compiler: str) -> list[EngineProfile]:
-    """The optimization profiles of an engine: static ones per bucket (the ONNX path), or, for
-    Torch-TensorRT (one profile per engine), one spanning them: k from the smallest bucket to N,
-    optimised for the largest bucket."""
+    """The optimization profiles of an engine: static ones per batch and bucket (the ONNX path), or,
+    for Torch-TensorRT (one profile per engine), one spanning them: the batch from 1 to the largest,
+    k from the smallest bucket to N, optimised for the largest batch and bucket."""
     profiles = engine_profiles(manifest, name)
     if compiler != "torch-tensorrt" or len(profiles) == 1:
         return profiles
-    ks = [p[MASKED] for p in profiles]
-    opt = ks[-2] if len(ks) > 1 else ks[-1]
-    return [dict(profiles[0], **{MASKED: [ks[0], opt, ks[-1]]})]
+    batches = sorted({p[BATCH] for p in profiles})
+    one = {BATCH: [batches[0], batches[-1], batches[-1]]}
+    if MASKED in profiles[0]:
+        ks = sorted({p[MASKED] for p in profiles})
+        one[MASKED] = [ks[0], ks[-2] if len(ks) > 1 else ks[-1], ks[-1]]
+    return [one]
 
 
 def _build_from_onnx(toolchain, options, out, name, entry, timing, plugin: bool, profiles) -> bytes:

@@ -89,16 +89,10 @@ def check_pair(large: TransformerSpec, small: TransformerSpec) -> None:
             )
 
 
-def require_filled(cache: Any) -> None:
-    """A masked forward reads the cache a full large forward filled; the pipeline's stage order
-    guarantees one ran first, so reaching this is a bug, not a user error."""
-    if not getattr(cache, "filled", False):
-        raise RuntimeError("masked forward before any full forward filled the KV cache")
-
-
 @runtime_checkable
 class Denoiser(Protocol):
-    """One transformer behind a backend."""
+    """One transformer behind a backend. Batches are rows: with classifier-free guidance each image
+    is two rows side by side (unconditional, conditional), and every row may be at its own timestep."""
 
     spec: TransformerSpec
     name: str
@@ -108,23 +102,23 @@ class Denoiser(Protocol):
         latents: torch.Tensor,  # [B, C, H, W]
         prompt_embeds: torch.Tensor,  # [B, T, joint_attention_dim]
         pooled: torch.Tensor,  # [B, pooled_projection_dim]
-        timestep: torch.Tensor,  # [B], sigma * 1000
-        cache: Any | None = None,
+        timestep: torch.Tensor,  # [B], sigma * 1000, per row
     ) -> torch.Tensor:
-        """Full forward; returns the velocity [B, C, H, W]. With ``cache`` it also stores every
-        layer's image-token K/V there (large model only)."""
+        """Full forward; returns the velocity [B, C, H, W]."""
         ...
 
     def validate_request(self, batch: int, height: int, width: int, mask_ratios: Sequence[float] = ()) -> None:
-        """Raise HybridStitchError if this backend cannot serve the request: ``batch`` includes the
-        CFG doubling, ``height``/``width`` are latent sizes, ``mask_ratios`` the masked-large ratios
-        the request may run (empty when it never runs the masked model). Called before any work."""
+        """Raise HybridStitchError if this backend cannot serve the request: ``batch`` rows at once
+        (CFG doubling included), ``height``/``width`` are latent sizes, ``mask_ratios`` the
+        masked-large ratios the request may run (empty when it never runs the masked model).
+        Called before any work."""
         ...
 
 
 @runtime_checkable
 class MaskedDenoiser(Denoiser, Protocol):
-    """A large transformer that can also run on the masked tokens only."""
+    """A large transformer that can also run on the masked tokens only, over KV caches the caller
+    owns (:mod:`hybridstitch.kvcache`: ``{"cache_k.{slot}": [B, H, N, D], ...}``)."""
 
     def bucket_for(self, ratio: float, num_tokens: int) -> Bucket:
         """The bucket that serves a masked stage of ``ratio`` over ``num_tokens`` image tokens: how
@@ -132,8 +126,15 @@ class MaskedDenoiser(Denoiser, Protocol):
         ``Bucket(ratio, ceil(ratio * N))``."""
         ...
 
-    def new_cache(self, batch: int, height: int, width: int) -> Any:
-        """An empty KV cache for one request at this latent size."""
+    def forward_store(
+        self,
+        latents: torch.Tensor,  # [B, C, H, W]
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        timestep: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Full forward that also returns every attention's image-token K/V (after qk-norm):
+        (velocity [B, C, H, W], caches ``{name: [B, H, N, D]}``)."""
         ...
 
     def forward_masked(
@@ -143,7 +144,8 @@ class MaskedDenoiser(Denoiser, Protocol):
         pooled: torch.Tensor,
         timestep: torch.Tensor,
         index: torch.Tensor,  # [B, k] int64, ascending
-        cache: Any,
-    ) -> torch.Tensor:
-        """Masked forward; returns the masked tokens' output [B, k, p*p*C] and updates ``cache``."""
+        caches: dict[str, torch.Tensor],  # [B, H, N, D] each
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Masked forward over ``caches``: (the masked tokens' output [B, k, p*p*C], the caches with
+        the masked positions' fresh K/V written -- new tensors; the inputs are not modified)."""
         ...

@@ -259,15 +259,15 @@ def check_latency_bound(config, per_call_seconds: Mapping | CallLatencies) -> li
     return messages
 
 
-def warn_if_bound_violated(config, trace, warned: set) -> None:
+def warn_if_bound_violated(config, trace, warned: set, stacklevel: int = 4) -> None:
     """Warn (once per config in ``warned``) when ``trace``'s own median call times violate the bound."""
     if config in warned or not trace.stage_counts.get("masked"):
         return
     messages = check_latency_bound(config, per_call_medians(trace, by="mask_ratio"))
     if messages:
         warned.add(config)
-        # stacklevel: this function, the pipeline's __call__, torch.no_grad's wrapper, the caller
-        warnings.warn("; ".join(messages), LatencyBoundWarning, stacklevel=4)
+        # stacklevel: this function, the pipeline's frames (the caller says how many), the caller
+        warnings.warn("; ".join(messages), LatencyBoundWarning, stacklevel=stacklevel)
 
 
 __all__ = [

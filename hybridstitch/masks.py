@@ -45,16 +45,22 @@ class MaskSelector:
 
     def __init__(self, mode: str, patch: int):
         self.mode, self.patch = mode, patch
-        self.scores: torch.Tensor | None = None  # [B, N] from the latest two x0 estimates
+        self._latest: tuple[torch.Tensor, torch.Tensor] | None = None  # the latest two x0 estimates
         self.frozen: torch.Tensor | None = None
 
     def observe(self, x0: torch.Tensor, x0_prev: torch.Tensor) -> None:
-        self.scores = token_scores(x0, x0_prev, self.patch)
+        """Keep the step's two estimates; the scores are computed only if a masked step asks for them."""
+        self._latest = (x0, x0_prev)
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        """[B, N] token instability from the latest two x0 estimates."""
+        return None if self._latest is None else token_scores(*self._latest, self.patch)
 
     def select(self, num_masked: int) -> torch.Tensor:
         """index [B, k] (sorted) for the coming masked step."""
         # the stage policy enters a masked stage only after two x0 estimates, so scores exist
-        assert self.scores is not None, "a masked stage needs two earlier x0 estimates"
+        assert self._latest is not None, "a masked stage needs two earlier x0 estimates"
         if self.mode == "static":
             if self.frozen is None:
                 self.frozen = self.scores

@@ -1,36 +1,40 @@
-"""One denoising step of one stage over the two denoisers, plus classifier-free guidance.
+"""One denoising step of every sample in flight, with the engine calls grouped by engine.
 
-In the manner of gpt-fast's ``decode_one_token``: a small function of tensors and denoisers,
-no loop state, so the pipeline's loop stays short and a step can be compiled or captured.
+In the manner of gpt-fast's ``decode_one_token``: a small function of samples and denoisers. Each
+sample asks its own stage policy what to run (DESIGN.md section 2), then the step runs
 
-    v = denoise_step(large, small, stage, latents, cond, t, guidance_scale, cache=cache, index=index)
+* ONE full large call for every sample in the large stage (storing the KV cache when its
+  config needs one) and every FullLarge-ablation sample in a masked stage;
+* ONE masked large call per masked-token count k, each sample with its own mask rows and
+  cache rows;
+* ONE small call for every sample in a masked or the small stage;
 
-Per stage (DESIGN.md section 2): ``large`` runs the large model on all tokens (storing the KV
-cache when one is given); ``small`` the small model; ``masked`` the small model on all tokens and
-the large one on the masked tokens only (over the cache), whose output overwrites the small
-one's there -- or, for the FullLarge ablation (``full_large=True``), the large model on all
-tokens with only the masked region merged.
+then, per sample: the large tokens overwrite the small output at the masked positions,
+classifier-free guidance, Eq. 10 and Eq. 9 on its own latents, its policy observes ``d_i``, and
+the Euler update. A sample's rows are side by side in every call ([unconditional, conditional]
+with guidance) and may be at different timesteps; nothing of a sample depends on the others.
+
+    step(samples, large, small)                # every sample advances one step
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .denoiser import Denoiser, MaskedDenoiser
-from .policy import Stage
+from . import kvcache
+from .checks import check_finite
+from .errors import HybridStitchError
+from .metrics import predict_x0, relative_l1
+from .sample import Sample, euler_step
 from .tokens import gather_tokens, merge_masked, patchify
-
-T = TypeVar("T")
-# (call name, the call) -> the call's result; the pipeline's timer records per-call seconds.
-Timer = Callable[[str, Callable[[], T]], T]
-
-
-def untimed(name: str, fn: Callable[[], T]) -> T:
-    return fn()
+from .trace import StepRecord
 
 
 def synchronize(device: torch.device) -> None:
@@ -39,76 +43,252 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def call_timer(seconds: dict[str, float], device: torch.device) -> Timer:
-    """A :data:`Timer` that adds each call's wall time (device work included) to ``seconds[name]``."""
+@dataclass
+class CallTimes:
+    """Times of one step's engine calls and who took part in each: the engine's own run time when
+    the backend reports it (``last_run_seconds``: its Python around the run counts as overhead),
+    else the call's; on a GPU through CUDA events, read once at the end of the step."""
 
-    def timed(name: str, fn: Callable[[], T]) -> T:
-        synchronize(device)
+    device: torch.device
+    calls: list = field(default_factory=list)  # (name, member ids, seconds or (start, end) events)
+
+    def __call__(self, name: str, members: Sequence[int], denoiser: Any, fn: Callable[[], Any]) -> Any:
+        if self.device.type == "cuda" and getattr(denoiser, "last_run_seconds", None) is None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            self.calls.append((name, tuple(members), (start, end)))
+            return out
         t0 = time.perf_counter()
         out = fn()
-        synchronize(device)
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+        synchronize(self.device)
+        engine = getattr(denoiser, "last_run_seconds", None)
+        self.calls.append((name, tuple(members), engine if engine is not None else time.perf_counter() - t0))
         return out
 
-    return timed
+    def finish(self) -> list[tuple[str, tuple, float]]:
+        """``[(name, member ids, seconds)]`` of every call."""
+        out = []
+        for name, members, t in self.calls:
+            if isinstance(t, tuple):
+                t[1].synchronize()
+                t = t[0].elapsed_time(t[1]) / 1e3
+            out.append((name, members, t))
+        return out
 
 
-def model_velocity(
-    large: MaskedDenoiser,
-    small: Denoiser,
-    stage: Stage,
-    x: torch.Tensor,  # [B', C, h, w], CFG-doubled when guidance is on
-    cond: Any,  # Conditioning: prompt_embeds [B', T, D], pooled [B', P]
-    timestep: torch.Tensor,  # [B'], sigma * 1000
-    cache: Any = None,
-    index: torch.Tensor | None = None,  # [B', k], masked stages only
-    full_large: bool = False,
-    timed: Timer = untimed,
-) -> torch.Tensor:
-    """The models' velocity for one step before guidance: [B', C, h, w]."""
-    args = (x, cond.prompt_embeds, cond.pooled, timestep)
-    if stage.kind == "large":
-        return timed("large", lambda: large.forward(*args, cache=cache))
-    if stage.kind == "small":
-        return timed("small", lambda: small.forward(*args))
-    assert index is not None, "a masked stage needs the masked token positions"
+def rows_of(samples: Sequence[Sample], attr: str) -> torch.Tensor:
+    """The samples' tensors of ``attr`` (latents repeated per row) as one batch, in sample order."""
+    parts = []
+    for s in samples:
+        x = getattr(s, attr)
+        parts.append(x.expand(s.rows, *x.shape[1:]) if attr == "latents" else x)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+_TEXT_LOCK = threading.Lock()
+
+
+def text_rows(samples: Sequence[Sample], attr: str) -> torch.Tensor:
+    """The samples' text conditioning (``prompt_embeds`` or ``pooled``) as one batch. It does not
+    change while the samples run, so the batch is made once per group of samples and reused while
+    the same samples share a call (kept by the group's first sample, a few groups at most: the
+    small and the large calls of a step group the samples differently)."""
+    if len(samples) == 1:
+        return getattr(samples[0], attr)
+    key = (attr, tuple(s.id for s in samples))
+    with _TEXT_LOCK:  # the small call may run in another thread (step's pool)
+        kept = samples[0].extra.setdefault("text_rows", {})
+        if key not in kept:
+            if len(kept) >= 8:  # groups change as requests join and leave: drop the oldest
+                kept.pop(next(iter(kept)))
+            kept[key] = rows_of(samples, attr)
+        return kept[key]
+
+
+def _timesteps(samples: Sequence[Sample]) -> torch.Tensor:
+    return torch.cat([s.timestep.reshape(1).expand(s.rows) for s in samples])  # [rows]
+
+
+def _inputs(samples: Sequence[Sample], dtype: torch.dtype) -> tuple:
+    return (rows_of(samples, "latents").to(dtype), text_rows(samples, "prompt_embeds"), text_rows(samples, "pooled"),
+            _timesteps(samples))
+
+
+def _split(batch: torch.Tensor, samples: Sequence[Sample]) -> list[torch.Tensor]:
+    return list(torch.split(batch, [s.rows for s in samples]))
+
+
+def plan(sample: Sample, large) -> None:
+    """The stage (and, for a masked stage, the mask) of the sample's coming step."""
+    stage = sample.policy.stage_for_step(sample.step)
+    sample.stage, sample.index = stage, None
+    rec = StepRecord(step=sample.step, timestep=float(sample.timestep), sigma=float(sample.schedule.sigmas[sample.step]),
+                     stage=stage.index, stage_kind=stage.kind, d=None, mask_ratio=stage.mask_ratio)
+    if stage.kind == "masked":
+        if sample.config.uses_masked_large:  # fixed-bucket engines may serve the ratio with a larger bucket
+            bucket = large.bucket_for(stage.mask_ratio, sample.num_tokens)
+            rec.masked_tokens, rec.bucket_ratio = bucket.masked_tokens, bucket.ratio
+        else:  # FullLarge runs the whole large model: no bucket involved
+            from .masks import tokens_for_ratio
+
+            rec.masked_tokens, rec.bucket_ratio = tokens_for_ratio(stage.mask_ratio, sample.num_tokens), stage.mask_ratio
+        sample.index = sample.masks.select(rec.masked_tokens)  # [1, k]
+        if sample.record_masks:
+            rec.mask_index = sample.index.tolist()
+    sample.extra["record"] = rec
+
+
+def _owned(members: Sequence[Sample]) -> list[list[Sample]]:
+    """The members grouped by the request they belong to, in order."""
+    groups: dict[int, list[Sample]] = {}
+    for m in members:
+        groups.setdefault(id(m.owner) if m.owner is not None else id(m), []).append(m)
+    return list(groups.values())
+
+
+def _fail(members: Sequence[Sample], error: BaseException, what: str) -> None:
+    for m in members:
+        m.error = error if isinstance(error, HybridStitchError) else HybridStitchError(
+            f"the {what} engine call failed at step {m.step} ({type(error).__name__}: {error})")
+
+
+def _run(timer: CallTimes, name: str, den: Any, members: list[Sample], make: Callable) -> list[tuple[list, Any]]:
+    """``make(members)`` as one engine call. If it raises and the members belong to several requests, each
+    request's members are run alone, so a failure stays with its own request; failed members get ``error``."""
+    try:
+        return [(members, timer(name, [m.id for m in members], den, lambda: make(members)))]
+    except Exception as error:  # noqa: BLE001 -- an engine's own exception types; attributed below
+        groups = _owned(members)
+        if len(groups) == 1:
+            _fail(members, error, name)
+            return []
+    out = []
+    for group in groups:
+        try:
+            out.append((group, timer(name, [m.id for m in group], den, lambda g=group: make(g))))
+        except Exception as error:  # noqa: BLE001
+            _fail(group, error, name)
+    return out
+
+
+def step(samples: Sequence[Sample], large, small, dtype: torch.dtype = torch.float32, device=None,
+         pool: Executor | None = None) -> int:
+    """Advance every sample one step (see the module docstring); returns the engine calls made.
+    ``dtype``: the models' input dtype. ``pool``: an executor that runs the small call while this
+    thread runs the large ones (they are independent: the merge waits for both); None: in turn.
+
+    Samples of different latent sizes or text lengths cannot share a call: each such group runs
+    its own calls. A sample whose call fails, or whose latents stop being finite, gets ``error``
+    (a HybridStitchError naming the step and stage) and is not advanced; the others are."""
+    shapes: dict[tuple, list[Sample]] = {}
+    for s in samples:
+        shapes.setdefault((*s.latents.shape[-2:], s.prompt_embeds.shape[1]), []).append(s)
+    return sum(_step(group, large, small, dtype, torch.device(device or group[0].latents.device), pool)
+               for group in shapes.values())
+
+
+def _step(samples: Sequence[Sample], large, small, dtype: torch.dtype, device: torch.device,
+          pool: Executor | None) -> int:
+    t_step = time.perf_counter()
+    timer = CallTimes(device)
+    for s in samples:
+        plan(s, large)
+    velocity: dict[int, torch.Tensor] = {}  # sample id -> its rows' velocity (before guidance)
+    full_v: dict[int, torch.Tensor] = {}
+
+    # 1. the small call: every sample in a masked or the small stage (in another thread with a pool)
+    smalls = [s for s in samples if s.stage.kind in ("masked", "small")]
+
+    def run_small():
+        return _run(timer, "small", small, smalls, lambda ms: small.forward(*_inputs(ms, dtype))) if smalls else []
+
+    small_results = pool.submit(run_small) if pool is not None else None
+
+    # 2. the full large call: large-stage samples, and FullLarge samples in a masked stage
+    full = [s for s in samples if s.stage.kind == "large" or (s.stage.kind == "masked" and not s.config.uses_masked_large)]
+    if full:
+        def run_full(members):
+            if any(m.config.needs_kv_cache and m.stage.kind == "large" for m in members):
+                return large.forward_store(*_inputs(members, dtype))
+            return large.forward(*_inputs(members, dtype)), None
+
+        for members, (v, caches) in _run(timer, "large", large, full, run_full):
+            full_v.update(zip((m.id for m in members), _split(v, members)))
+            if caches is not None:
+                for m, c in zip(members, kvcache.split(caches, [m.rows for m in members])):
+                    if m.config.needs_kv_cache and m.stage.kind == "large":
+                        m.caches = c
+
+    # 3. one masked large call per masked-token count, each sample over its own caches
+    masked = [s for s in samples if s.stage.kind == "masked" and s.config.uses_masked_large and s.error is None]
+    tokens_of: dict[int, tuple] = {}  # sample id -> (its tokens, k): merged once the small output is there
+    for k in sorted({s.index.shape[1] for s in masked}):
+        def run_masked(members, k=k):
+            index = torch.cat([m.index.expand(m.rows, k) for m in members])  # [rows, k]: one mask for both CFG halves
+            return large.forward_masked(*_inputs(members, dtype), index, kvcache.gather([m.caches for m in members]))
+
+        group = [s for s in masked if s.index.shape[1] == k]
+        for members, (tokens, new) in _run(timer, "large_masked", large, group, run_masked):
+            for m, t, c in zip(members, _split(tokens, members), kvcache.split(new, [m.rows for m in members])):
+                m.caches = c
+                tokens_of[m.id] = (t, k)
+    for members, v in (small_results.result() if small_results is not None else run_small()):
+        velocity.update(zip((m.id for m in members), _split(v, members)))
+    for s in masked:
+        if s.id in tokens_of and s.id in velocity:  # both calls of its masked step succeeded
+            t, k = tokens_of[s.id]
+            velocity[s.id] = merge_masked(velocity[s.id], t, s.index.expand(s.rows, k), large.spec.patch_size)
+        elif s.error is None:
+            s.error = HybridStitchError(f"the masked step {s.step} lost one of its engine calls")
+    calls = timer.finish()
+
+    # 4. per sample: guidance, Eq. 10 and Eq. 9, the policy, the Euler update
     p = large.spec.patch_size
-    v_small = timed("small", lambda: small.forward(*args))
-    if full_large:  # FullLarge ablation: the whole large model, only the masked region merged
-        v_large = timed("large", lambda: large.forward(*args))
-        tokens = gather_tokens(patchify(v_large, p), index)
-    else:
-        tokens = timed("large_masked", lambda: large.forward_masked(*args, index=index, cache=cache))
-    return merge_masked(v_small, tokens, index, p)
+    for s in samples:
+        rec = s.extra.pop("record")
+        if s.error is not None:
+            continue
+        if s.stage.kind == "large":
+            v = full_v[s.id]
+        elif not s.config.uses_masked_large and s.stage.kind == "masked":  # FullLarge: merge the large tokens
+            rows_index = s.index.expand(s.rows, s.index.shape[1])
+            v = merge_masked(velocity[s.id], gather_tokens(patchify(full_v[s.id], p), rows_index), rows_index, p)
+        else:
+            v = velocity[s.id]
+        if s.guided:
+            v_uncond, v_text = v.chunk(2)
+            v = v_uncond + s.guidance_scale * (v_text - v_uncond)
+        sigmas = s.schedule.sigmas
+        x0 = predict_x0(s.latents, v, float(sigmas[s.step]))
+        if s.x0_prev is not None:
+            rec.d = relative_l1(x0, s.x0_prev)
+            if s.config.has_masked_stage:  # only masked stages read token scores
+                s.masks.observe(x0, s.x0_prev)
+        s.policy.observe(s.step, rec.d)
+        s.x0_prev = x0
+        s.latents = euler_step(s.latents, v, sigmas[s.step], sigmas[s.step + 1])
+        try:
+            check_finite(s.latents, s.step, s.stage.kind, samples=[s.trace.sample])
+        except HybridStitchError as error:  # this image stops; the others of its step go on
+            s.error = error
+            continue
+        if s.caches is not None and s.policy.stage.kind == "small":
+            s.caches = None  # no masked step is left: the cache is dead weight
+        for name, members, seconds in calls:  # the calls this sample took part in
+            if s.id in members:
+                rec.seconds[name] = rec.seconds.get(name, 0.0) + seconds
+        s.trace.steps.append(rec)
+        s.step += 1
+    overhead = max(0.0, time.perf_counter() - t_step - sum(t for _, _, t in calls))
+    for s in samples:
+        if s.error is not None or not s.trace.steps:
+            continue
+        s.trace.steps[-1].overhead_seconds = overhead
+        if s.done:
+            s.trace.switch_steps = list(s.policy.switch_steps)
+    return len(calls)
 
 
-def guide(v: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance over a batch laid out [uncond..., cond...]: [2B, ...] -> [B, ...]."""
-    v_uncond, v_text = v.chunk(2)
-    return v_uncond + guidance_scale * (v_text - v_uncond)
-
-
-def denoise_step(
-    large: MaskedDenoiser,
-    small: Denoiser,
-    stage: Stage,
-    latents: torch.Tensor,  # [B, C, h, w]
-    cond: Any,  # CFG-batched when guidance_scale > 1: [uncond..., cond...]
-    t: torch.Tensor,  # scalar timestep of this step
-    guidance_scale: float,
-    cache: Any = None,
-    index: torch.Tensor | None = None,  # [B, k]: one mask per sample serves both CFG halves
-    full_large: bool = False,
-    timed: Timer = untimed,
-) -> torch.Tensor:
-    """The guided velocity of one step: [B, C, h, w]."""
-    do_cfg = guidance_scale > 1.0
-    x = torch.cat([latents, latents]) if do_cfg else latents  # [B', C, h, w]
-    if index is not None and do_cfg:
-        index = torch.cat([index, index])
-    v = model_velocity(large, small, stage, x, cond, t.expand(x.shape[0]), cache=cache, index=index,
-                       full_large=full_large, timed=timed)
-    return guide(v, guidance_scale) if do_cfg else v
-
-
-__all__ = ["Timer", "call_timer", "denoise_step", "guide", "model_velocity", "synchronize", "untimed"]
+__all__ = ["CallTimes", "plan", "rows_of", "step", "synchronize"]

@@ -40,10 +40,19 @@ def scatter_tokens(tokens: torch.Tensor, index: torch.Tensor, values: torch.Tens
 
 
 def merge_masked(small_out: torch.Tensor, large_tokens: torch.Tensor, index: torch.Tensor, patch: int) -> torch.Tensor:
-    """Stage 2's merge: the large model's output overwrites the small one at the masked tokens.
+    """Stage 2's merge: the large model's output overwrites the small one at the masked tokens, in
+    place (only the k tokens move: no patchify / unpatchify of the whole latent).
 
-    small_out [B, C, H, W], large_tokens [B, k, p*p*C], index [B, k] -> [B, C, H, W].
+    small_out [B, C, H, W] (written and returned), large_tokens [B, k, p*p*C], index [B, k].
     """
-    _, _, h, w = small_out.shape
-    merged = scatter_tokens(patchify(small_out, patch), index, large_tokens.to(small_out.dtype))
-    return unpatchify(merged, patch, h, w)
+    b, c, h, w = small_out.shape
+    k = index.shape[1]
+    wp = w // patch
+    if not small_out.is_contiguous():
+        small_out = small_out.contiguous()
+    # [B, C, h, p, w, q] viewed as [B, h, w, C, p, q]: one token is one (h, w) cell
+    cells = small_out.view(b, c, h // patch, patch, wp, patch).permute(0, 2, 4, 1, 3, 5)
+    values = large_tokens.to(small_out.dtype).reshape(b, k, patch, patch, c).permute(0, 1, 4, 2, 3)  # [B, k, C, p, q]
+    batch = torch.arange(b, device=index.device)[:, None].expand(b, k)
+    cells[batch, index // wp, index % wp] = values
+    return small_out

@@ -27,16 +27,20 @@ class StepRecord:
 
 @dataclass
 class Trace:
+    """One image's run: its stages, ``d_i``, masks and the engine calls it took part in (a call
+    shared with other images counts in full for each)."""
+
     config: dict
     num_steps: int
     height: int
     width: int
-    batch: int
+    batch: int  # images in the call this one was part of
     backend: str
     steps: list[StepRecord] = field(default_factory=list)
     switch_steps: list[int] = field(default_factory=list)
     total_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    sample: int = 0  # this image's position in its call
 
     @property
     def model_seconds(self) -> float:

@@ -146,3 +146,17 @@ def tiny_engines(tiny_dirs, tmp_path_factory):
                         buckets=(0.1, 0.3), text_tokens=7)
     export_engines(req, out, progress=False)
     return out, req
+
+
+@pytest.fixture(scope="session")
+def testbed_engines(tmp_path_factory):
+    """ONNX Runtime engines of the shipped testbed pair (32x32, buckets 0.1 and 0.3), exported once per session."""
+    from hybridstitch.export import ExportRequest, export_engines
+    from hybridstitch.testbed import LARGE_DIR, SMALL_DIR
+
+    if not os.path.isfile(os.path.join(LARGE_DIR, "transformer", "config.json")):
+        pytest.skip("testbed weights not trained (python -m hybridstitch.testbed.train)")
+    folder = str(tmp_path_factory.mktemp("testbed-engines"))
+    export_engines(ExportRequest(large=LARGE_DIR, small=SMALL_DIR, height=32, width=32, buckets=(0.1, 0.3)), folder,
+                   progress=False)
+    return folder

@@ -28,7 +28,7 @@ PACKAGES = {"hybridstitch": "hybridstitch", "engine": "hybridstitch.engine", "ex
 # The method: pure functions and small classes over tensors, no backend.
 METHOD = {f"hybridstitch.{m}" for m in (
     "config", "policy", "masks", "tokens", "metrics", "latency_model", "trace", "errors", "fileio", "denoiser", "step",
-    "scheduling",
+    "scheduling", "checks", "kvcache", "sample",
 )}
 APPLICATION = ("hybridstitch.pipeline", "hybridstitch.cli", "hybridstitch.demo", "hybridstitch.bench",
                "hybridstitch.testbed", "hybridstitch.serve")

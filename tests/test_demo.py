@@ -17,13 +17,16 @@ def test_demo_writes_every_file_it_promises(tmp_path, capsys):
     assert expected <= files, expected - files
     assert set(summary["methods"]) == {"large", "small", "hybridstitch"}
     assert summary["backend"] == "onnxruntime"
-    trace = json.loads((out / "trace-hybridstitch.json").read_text())
-    assert trace["backend"] == "onnxruntime" and len(trace["steps"]) == 6
-    assert any(s["mask_index"] for s in trace["steps"])  # the masks picture has something to show
+    traces = json.loads((out / "trace-hybridstitch.json").read_text())  # one per image
+    assert [t["sample"] for t in traces] == [0, 1]
+    assert all(t["backend"] == "onnxruntime" and len(t["steps"]) == 6 for t in traces)
+    assert any(s["mask_index"] for t in traces for s in t["steps"])  # the masks picture has something to show
     assert "speed-up" in capsys.readouterr().out
 
-    # A second run reuses the exported engines instead of exporting again.
+    # A second run reuses the exported engines instead of exporting again -- also without guidance
+    # (the engines were exported for the CFG batch; the graphs take any batch).
     manifest = out / "engines" / "manifest.json"
     before = manifest.stat().st_mtime_ns
-    run_demo(out_dir=str(out), prompts=prompts, steps=3, progress=False)
+    summary = run_demo(out_dir=str(out), prompts=prompts, steps=3, guidance_scale=1.0, progress=False)
     assert manifest.stat().st_mtime_ns == before
+    assert summary["methods"]["hybridstitch"]["stage_counts"]

@@ -72,18 +72,22 @@ def test_masked_stage_with_ratio_one_reproduces_large(tiny_pipe):
 def test_hybridstitch_runs_all_stages_and_traces(tiny_pipe, tmp_path):
     cfg = StitchConfig(mask_ratios=(0.3, 0.1), thresholds=(float("inf"), 1e9, 1e8), name="all-stages")
     out, _, _ = run(tiny_pipe, cfg, batch=2)
-    kinds = [s.stage_kind for s in out.trace.steps]
-    assert kinds == ["large", "large", "masked", "masked", "small", "small", "small", "small"]
-    assert out.trace.switch_steps == [2, 3, 4]
-    masked = [s for s in out.trace.steps if s.stage_kind == "masked"]
-    assert [s.masked_tokens for s in masked] == [5, 2]  # ceil(0.3*16), ceil(0.1*16)
-    assert set(masked[0].seconds) == {"small", "large_masked"}
-    assert out.trace.steps[0].d is None and all(s.d is not None for s in out.trace.steps[1:])
+    assert len(out.traces) == 2 and [t.sample for t in out.traces] == [0, 1]  # one trace per image
+    for trace in out.traces:
+        kinds = [s.stage_kind for s in trace.steps]
+        assert kinds == ["large", "large", "masked", "masked", "small", "small", "small", "small"]
+        assert trace.switch_steps == [2, 3, 4]
+        masked = [s for s in trace.steps if s.stage_kind == "masked"]
+        assert [s.masked_tokens for s in masked] == [5, 2]  # ceil(0.3*16), ceil(0.1*16)
+        assert set(masked[0].seconds) == {"small", "large_masked"}
+        assert trace.steps[0].d is None and all(s.d is not None for s in trace.steps[1:])
     path = tmp_path / "trace.json"
-    out.trace.save(path)
+    out.traces[1].save(path)
     data = json.loads(path.read_text())
-    assert data["switch_steps"] == [2, 3, 4] and len(data["steps"]) == STEPS
+    assert data["switch_steps"] == [2, 3, 4] and len(data["steps"]) == STEPS and data["sample"] == 1
     assert out.images.shape == (2, 16, 8, 8)
+    with pytest.raises(HybridStitchError, match="made 2 images"):
+        out.trace
 
 
 def test_static_and_fulllarge_ablations_run(tiny_pipe):

@@ -76,8 +76,7 @@ def compiled_denoiser(model, name: str):
     forward (``torch.compile`` of the same function) run compiled graphs."""
     import torch
 
-    from hybridstitch.denoiser import require_filled
-    from hybridstitch.engine.torch_backend import TorchDenoiser, masked_transformer_forward
+    from hybridstitch.engine.torch_backend import TorchDenoiser, cache_from, caches_of, masked_transformer_forward
 
     class CompiledTorchDenoiser(TorchDenoiser):
         backend = "torch-compile"
@@ -88,10 +87,11 @@ def compiled_denoiser(model, name: str):
             self._masked = torch.compile(masked_transformer_forward)
 
         @torch.no_grad()
-        def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, cache):
-            require_filled(cache)
+        def forward_masked(self, latents, prompt_embeds, pooled, timestep, index, caches):
+            cache = cache_from(caches, self.spec)
             dt = self.dtype
-            return self._masked(self.model, latents.to(dt), prompt_embeds.to(dt), pooled.to(dt), timestep, index, cache)
+            tokens = self._masked(self.model, latents.to(dt), prompt_embeds.to(dt), pooled.to(dt), timestep, index, cache)
+            return tokens, caches_of(cache, self.spec)
 
     return CompiledTorchDenoiser(model, name)
 

@@ -92,7 +92,7 @@ def replay_denoise(large, small, scheduler, latents, cond, config: StitchConfig,
     """The pipeline's denoising loop with given stages (:meth:`HybridStitchPipeline.denoise` with a
     ``schedule``), on denoisers built outside a pipeline. ``latents`` [B, C, h, w]; ``cond``:
     :class:`~hybridstitch.conditioning.Conditioning`, CFG-batched when guidance is on.
-    Returns ``(latents, trace)`` with ``trace.total_seconds`` the whole call.
+    Returns ``(latents, traces)``: one trace per image, ``total_seconds`` the whole call.
     """
     from hybridstitch.pipeline import HybridStitchPipeline
 

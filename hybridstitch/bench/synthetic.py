@@ -222,6 +222,6 @@ class SyntheticWorkload:
         def run(config: StitchConfig, warmup: bool):
             stages = (self.warm_schedules if warmup else self.schedules)[config.name]
             return replay_denoise(large, small, self.scheduler, latents, cond, config, stages,
-                                  self.common.guidance_scale, device=device)[1]
+                                  self.common.guidance_scale, device=device)[1][0]
 
         return run

@@ -87,11 +87,8 @@ class SampleRun:
 
 
 def sample(pipe, config: StitchConfig, labels, noise, steps: int, guidance_scale: float, batch_size: int) -> SampleRun:
-    """Sample ``len(labels)`` images from ``noise`` in chunks of ``batch_size`` prompts.
-
-    The policy sees each chunk's own difference d_i (Eq. 9 is over the whole batch), as a
-    server would see each request.
-    """
+    """Sample ``len(labels)`` images from ``noise`` in chunks of ``batch_size`` prompts: every image
+    with its own stages (the chunks only share engine calls). One trace per image."""
     from hybridstitch.testbed.data import prompt_for
 
     size = noise.shape[-1]
@@ -105,7 +102,7 @@ def sample(pipe, config: StitchConfig, labels, noise, steps: int, guidance_scale
                    progress=False, output_type="latent")
         wall += time.perf_counter() - t0
         out.append(res.images.float().clamp(-1.0, 1.0).cpu())
-        traces.append(res.trace)
+        traces.extend(res.traces)
     return SampleRun(torch.cat(out), traces, wall)
 
 
@@ -116,8 +113,7 @@ def measure_call_latencies(pipe, batch: int, ratios, guidance_scale: float = 1.2
 
     Each round times one full large call, one small call and one masked large call per ratio,
     in turn (:class:`~hybridstitch.bench.timer.InterleavedTimer`), so slow phases of a shared
-    machine hit every kind alike. The masked calls read a cache filled by a full large call, as
-    in a run: the large call is added first, so its warm-up fills the cache before any masked one.
+    machine hit every kind alike. The masked calls read caches made by a full large call, as in a run.
     """
     from hybridstitch.bench.timer import InterleavedTimer
     from hybridstitch.testbed.data import prompt_for
@@ -131,28 +127,30 @@ def measure_call_latencies(pipe, batch: int, ratios, guidance_scale: float = 1.2
     args = (latents, cond.prompt_embeds, cond.pooled, timestep)
     p = pipe.large.spec.patch_size
     num_tokens = (size // p) * (size // p)
-    cache = pipe.large.new_cache(b, size, size)
+    _, caches = pipe.large.forward_store(*args)
     gen = torch.Generator().manual_seed(1)
     timer = InterleavedTimer(reps=rounds, warmup=1)
-    timer.add("large", lambda: pipe.large.forward(*args, cache=cache))
+    timer.add("large", lambda: pipe.large.forward_store(*args))
     timer.add("small", lambda: pipe.small.forward(*args))
     for r in dict.fromkeys(ratios):  # each ratio once, in the order given
         k = pipe.large.bucket_for(r, num_tokens).masked_tokens
         idx = torch.stack([torch.randperm(num_tokens, generator=gen)[:k].sort().values for _ in range(batch)])  # [B, k]
         index = torch.cat([idx, idx]) if do_cfg else idx  # one mask for both CFG halves
-        timer.add(r, lambda index=index: pipe.large.forward_masked(*args, index=index, cache=cache))
+        timer.add(r, lambda index=index: pipe.large.forward_masked(*args, index, caches))
     t = timer.run()
     med = statistics.median
     return CallLatencies(med(t["large"].seconds), med(t["small"].seconds), {r: med(t[r].seconds) for r in ratios})
 
 
-def modelled_seconds(traces, latencies: CallLatencies) -> float:
-    """Eqs. 3-8 summed over a run's chunks (each chunk priced at the measured batch's call costs)."""
-    return sum(predict_from_trace(t, latencies, by="mask_ratio").total_seconds for t in traces)
+def modelled_seconds(traces, latencies: CallLatencies, batch: int) -> float:
+    """Eqs. 3-8 over a run's images. Each image's trace lists the calls it took part in, priced at the
+    measured call costs of ``batch`` images; an image's share of a call is 1/``batch`` of it (call
+    cost grows about linearly with the batch on CPU), so the sum is the run's modelled time."""
+    return sum(predict_from_trace(t, latencies, by="mask_ratio").total_seconds for t in traces) / batch
 
 
 def mean_switch_steps(traces) -> list[float]:
-    """Element-wise mean of the chunks' switch steps (a stage a chunk never reached counts as T)."""
+    """Element-wise mean of the images' switch steps (a stage an image never reached counts as T)."""
     if not traces:
         return []
     width = max(len(t.switch_steps) for t in traces)
@@ -385,7 +383,10 @@ def run(settings: CalibrationSettings) -> dict:
 
     from .calibration_report import presets_source, render_markdown, scatter_png
 
+    from hybridstitch.outputs import check_output_folder
+
     s = settings
+    check_output_folder(s.out, "--out")  # before the sweep's hour of work, not after it
     torch.set_num_threads(s.threads)
     t_start = time.perf_counter()
     pipe = load_testbed_pipeline()
@@ -407,7 +408,7 @@ def run(settings: CalibrationSettings) -> dict:
         if cfg.name == "large":
             large_images, large_feats = run_.images, ref.features(run_.images)
         q = ref.evaluate(run_.images, labels, large_images, large_feats)
-        modelled = modelled_seconds(run_.traces, lat)
+        modelled = modelled_seconds(run_.traces, lat, batch)
         row = dict(name=cfg.name, method=cfg.method, mask_ratios=list(cfg.mask_ratios), thresholds=list(cfg.thresholds),
                    srdiffusion_threshold=cfg.srdiffusion_threshold, config=cfg.to_dict(),
                    mean_switch_steps=mean_switch_steps(run_.traces), stage_counts=mean_stage_counts(run_.traces),

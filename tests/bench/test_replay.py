@@ -59,7 +59,7 @@ def test_replay_reproduces_the_pipeline(tiny_pipe, mode):
                        mask_mode="static" if mode == "static" else "dynamic", stage2_large="full" if mode == "full" else "masked")
     out, latents, cond = _pipe_run(tiny_pipe, cfg)
     stages = [Stage(s.stage, s.stage_kind, s.mask_ratio) for s in out.trace.steps]
-    replayed, trace = replay_denoise(tiny_pipe.large, tiny_pipe.small, tiny_pipe.scheduler, latents, cond, cfg, stages, 4.5)
+    replayed, (trace,) = replay_denoise(tiny_pipe.large, tiny_pipe.small, tiny_pipe.scheduler, latents, cond, cfg, stages, 4.5)
     assert torch.equal(replayed, out.images)
     assert trace.switch_steps == out.trace.switch_steps == [2, 3, 4]
     assert [s.masked_tokens for s in trace.steps] == [s.masked_tokens for s in out.trace.steps]

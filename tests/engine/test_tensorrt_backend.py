@@ -19,7 +19,7 @@ import torch
 from hybridstitch import HybridStitchError, HybridStitchPipeline, StitchConfig
 from hybridstitch.denoiser import MaskedDenoiser
 from hybridstitch.engine import tensorrt_backend
-from hybridstitch.engine.tensorrt_backend import TrtKVCache, load_engines
+from hybridstitch.engine.tensorrt_backend import load_engines
 from hybridstitch.engine.builds import EngineTensor, TensorRTOptions
 from hybridstitch.engine.manifest import read_manifest
 from hybridstitch.export.onnx_steps import DenoiserFromCheckpoint
@@ -32,12 +32,15 @@ from tests.tensorrt_fakes import A100, ADA, TRT_VERSION, FakeRuntime, FakeToolch
 ADA_TARGET = "sm89-nvidia-rtx-6000-ada-generation"
 
 
-def make_tensorrt_folder(ort_folder: str, dst: str, tiny_dirs, toolchain=None, **options) -> dict:
+def make_tensorrt_folder(ort_folder: str, dst: str, tiny_dirs, toolchain=None, batch: int | None = None,
+                         **options) -> dict:
     """A copy of the ONNX Runtime export turned into a TensorRT export with fake engines
-    (the graphs are the same; only the manifest's backend and the engines differ)."""
+    (the graphs are the same; only the manifest's backend, its batch and the engines differ)."""
     shutil.copytree(ort_folder, dst)
     manifest = read_manifest(dst)
     manifest.backend = {"name": "tensorrt", "version": TRT_VERSION}
+    if batch is not None:
+        manifest.batch = batch
     manifest.save(dst)
     opts = TensorRTOptions(**options)
     plan = SimpleNamespace(request=SimpleNamespace(tensorrt=opts), manifest=manifest)
@@ -71,14 +74,14 @@ def test_denoisers_behind_the_interface(engines, torch_pair):
     assert engines.build["plugin"]["ptx_target"] == "sm_89"
 
 
-def test_one_large_engine_with_a_profile_per_bucket_on_one_memory_block(engines):
-    """One large engine (one copy of the weights): a static profile per bucket k plus k = N for the
-    full step, one user-managed context each; every context of both engines shares one block."""
+def test_one_large_engine_with_a_profile_per_batch_and_bucket_on_one_memory_block(engines):
+    """One large engine (one copy of the weights): a static profile per (batch, bucket k) plus k = N for
+    the full step, one user-managed context each; every context of both engines shares one block."""
     large, small = engines.large.engine, engines.small.engine
-    assert large.profile_sizes == [{"batch": 2, "k": 2}, {"batch": 2, "k": 5}, {"batch": 2, "k": 16}]
-    assert small.profile_sizes == [{"batch": 2}]
+    assert large.profile_sizes == [{"batch": b, "k": k} for b in (1, 2) for k in (2, 5, 16)]
+    assert small.profile_sizes == [{"batch": 1}, {"batch": 2}]
     contexts = [p.context for p in [*large.profiles, *small.profiles]]
-    assert [c.profile for c in contexts] == [0, 1, 2, 0] and all(c.user_managed for c in contexts)
+    assert [c.profile for c in contexts] == [0, 1, 2, 3, 4, 5, 0, 1] and all(c.user_managed for c in contexts)
     assert len({c.device_memory for c in contexts}) == 1  # one block ...
     assert engines.memory.size == max(large.memory_need(), small.memory_need())  # ... sized to the largest
 
@@ -87,13 +90,13 @@ def test_full_forwards_match_torch(engines, torch_pair):
     large, small = torch_pair
     x, pe, pooled, t = inputs()
     assert rel(engines.small.forward(x, pe, pooled, t), small.forward(x, pe, pooled, t)) < 1e-5
-    cache, ref_cache = engines.large.new_cache(2, 8, 8), large.new_cache(2, 8, 8)
-    assert rel(engines.large.forward(x, pe, pooled, t, cache=cache), large.forward(x, pe, pooled, t, cache=ref_cache)) < 1e-5
-    kept = cache.to_torch()
-    x2 = x + 1.0  # a full forward without a cache leaves the request's cache alone
-    assert rel(engines.large.forward(x2, pe, pooled, t), large.forward(x2, pe, pooled, t)) < 1e-5
-    assert_caches_match(cache, ref_cache)
-    assert all(torch.equal(kept[n], got) for n, got in cache.to_torch().items())
+    got, caches = engines.large.forward_store(x, pe, pooled, t)
+    want, ref = large.forward_store(x, pe, pooled, t)
+    assert rel(got, want) < 1e-5
+    assert_caches_match(caches, ref)
+    assert rel(engines.large.forward(x, pe, pooled, t), want) < 1e-5
+    # one row: the batch-1 profiles
+    assert rel(engines.small.forward(x[:1], pe[:1], pooled[:1], t[:1]), small.forward(x[:1], pe[:1], pooled[:1], t[:1])) < 1e-5
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.3])
@@ -101,37 +104,28 @@ def test_masked_forward_fresh_and_stale_cache_match_torch(engines, torch_pair, r
     assert_masked_parity(engines, torch_pair[0], ratio)
 
 
-def test_buffers_are_allocated_once_and_bound_by_address(engines, trt_folder):
-    """Inputs and outputs live in buffers made at load; the two cache sets are made once and swap."""
+def test_buffers_are_made_once_per_profile_and_caches_bound_by_address(engines):
+    """Inputs and outputs live in buffers made once per profile; the caller's caches are bound as they
+    are, and the updated caches are new tensors (only the masked rows differ)."""
     x, pe, pooled, t = inputs(seed=3)
     large = engines.large
-    cache = large.new_cache(2, 8, 8)
-    assert isinstance(cache, TrtKVCache) and len(cache.current) == 8  # 4 slots x K, V
-    sets_before = [{n: v.data_ptr() for n, v in s.items()} for s in cache.sets]
-    full_profile, masked_profile = large.engine.profiles[2], large.engine.profiles[0]  # k = N, k = 2
-    with pytest.raises(RuntimeError, match="full forward"):
-        large.forward_masked(x, pe, pooled, t, torch.arange(2).repeat(2, 1), cache)
-    read = cache.index
-    large.forward(x, pe, pooled, t, cache=cache)
+    full_profile = next(p for p in large.engine.profiles if p.sizes == {"batch": 2, "k": 16})
+    masked_profile = next(p for p in large.engine.profiles if p.sizes == {"batch": 2, "k": 2})
+    _, caches = large.forward_store(x, pe, pooled, t)
     full_buffers = {n: v.data_ptr() for buffers in full_profile.buffers.values() for n, v in buffers.items()}
     context = full_profile.context
     assert context.shapes["index"] == (2, 16) and context.addresses["latents"] == full_buffers["latents"]
-    assert context.addresses["cache_k.0.attn"] == cache.sets[read]["cache_k.0.attn"].data_ptr()
-    assert context.addresses["new_cache_k.0.attn"] == cache.current["cache_k.0.attn"].data_ptr()  # then swapped
-    before = cache.to_torch()
+    assert context.addresses["new_cache_k.0.attn"] == caches["cache_k.0.attn"].data_ptr()
+    before = {n: c.clone() for n, c in caches.items()}
     idx = torch.tensor([[0, 3], [5, 9]])
-    first = cache.index
-    large.forward_masked(x + 1.0, pe, pooled, t, idx, cache)
+    _, after = large.forward_masked(x + 1.0, pe, pooled, t, idx, caches)
     masked_context = masked_profile.context
     assert masked_context.shapes["index"] == (2, 2)
-    assert masked_context.addresses["cache_k.0.attn"] == cache.sets[first]["cache_k.0.attn"].data_ptr()
-    assert masked_context.addresses["new_cache_k.0.attn"] == cache.sets[1 - first]["cache_k.0.attn"].data_ptr()
-    assert cache.index == 1 - first  # swapped
-    assert [{n: v.data_ptr() for n, v in s.items()} for s in cache.sets] == sets_before
-    large.forward(x, pe, pooled, t, cache=cache)  # the full profile's buffers are made once
+    assert masked_context.addresses["cache_k.0.attn"] == caches["cache_k.0.attn"].data_ptr()
+    assert masked_context.addresses["new_cache_k.0.attn"] == after["cache_k.0.attn"].data_ptr()
+    assert all(torch.equal(caches[n], before[n]) for n in caches)  # the inputs are not modified
+    large.forward_store(x, pe, pooled, t)  # the full profile's buffers are made once
     assert {n: v.data_ptr() for buffers in full_profile.buffers.values() for n, v in buffers.items()} == full_buffers
-    assert large.new_cache(2, 8, 8).sets is cache.sets  # the next request reuses them
-    after = {n: cache.sets[1 - first][n].clone() for n in before}
     keep = torch.ones(2, 16, dtype=torch.bool)
     keep[0, [0, 3]] = keep[1, [5, 9]] = False
     for name in before:
@@ -140,12 +134,17 @@ def test_buffers_are_allocated_once_and_bound_by_address(engines, trt_folder):
             assert not torch.allclose(after[name][b][:, ~keep[b]], before[name][b][:, ~keep[b]])
 
 
-def test_one_request_at_a_time(engines):
-    x, pe, pooled, t = inputs(seed=5)
-    old = engines.large.new_cache(2, 8, 8)
-    engines.large.new_cache(2, 8, 8)
-    with pytest.raises(HybridStitchError, match="earlier request"):
-        engines.large.forward(x, pe, pooled, t, cache=old)
+def test_a_batch_without_a_profile_runs_padded_and_a_too_large_one_is_refused(trt_folder, torch_pair, tmp_path,
+                                                                             tiny_engines, tiny_dirs):
+    work = str(tmp_path / "b4")
+    make_tensorrt_folder(tiny_engines[0], work, tiny_dirs, batch=4)  # profiles at batch 1, 2, 4
+    es = load(work)
+    x, pe, pooled, t = inputs(batch=3, seed=9)  # 3 rows: run in the batch-4 profile, the padding dropped
+    assert rel(es.small.forward(x, pe, pooled, t), torch_pair[1].forward(x, pe, pooled, t)) < 1e-5
+    got, caches = es.large.forward_store(x, pe, pooled, t)
+    assert got.shape[0] == 3 and all(c.shape[0] == 3 for c in caches.values())
+    with pytest.raises(HybridStitchError, match="profiles up to batch 4"):
+        es.small.validate_request(6, 8, 8)
 
 
 def test_whole_run_matches_torch_through_from_engines(trt_folder, tiny_pipe, monkeypatch):
@@ -274,10 +273,12 @@ def test_real_engines_match_torch_on_gpu(tiny_dirs, tmp_path, cuda_graphs):
     es = load_engines(out, cuda_graphs=cuda_graphs)
     large = TorchDenoiser(load_transformer(tiny_dirs[0], "large").cuda(), "large")
     x, pe, pooled, t = (v.cuda() for v in inputs(seed=7))
-    cache, ref = es.large.new_cache(2, 8, 8), large.new_cache(2, 8, 8)
-    for _ in range(3):  # each (engine, cache set) pair is captured on first use, replayed on the third step
-        assert rel(es.large.forward(x, pe, pooled, t, cache=cache), large.forward(x, pe, pooled, t, cache=ref)) < 2e-2
+    for _ in range(3):  # each (profile, cache addresses) pair is captured on first use, replayed later
+        got, caches = es.large.forward_store(x, pe, pooled, t)
+        want, ref = large.forward_store(x, pe, pooled, t)
+        assert rel(got, want) < 2e-2
         idx = select_mask(torch.rand(2, 16, device="cuda"), 5)
-        assert rel(es.large.forward_masked(x, pe, pooled, t, idx, cache), large.forward_masked(x, pe, pooled, t, idx, ref)) < 2e-2
+        assert rel(es.large.forward_masked(x, pe, pooled, t, idx, caches)[0],
+                   large.forward_masked(x, pe, pooled, t, idx, ref)[0]) < 2e-2
     if cuda_graphs:
         assert any(p.graphs for p in es.large.engine.profiles) or es.notes  # captured, or the fallback said why

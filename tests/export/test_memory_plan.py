@@ -73,10 +73,9 @@ def test_cli_plan_exit_codes_and_advice(capsys):
 
 def test_the_cache_formula_is_what_the_torch_path_allocates(tiny_dirs):
     large = TorchDenoiser(load_transformer(tiny_dirs[0], "large"), "large")
-    cache = large.new_cache(2, 8, 8)
     x = torch.randn(2, 16, 8, 8)
-    large.forward(x, torch.randn(2, 7, 32), torch.randn(2, 16), torch.full((2,), 500.0), cache=cache)
-    allocated = sum(t.numel() * t.element_size() for pair in cache.layers.values() for t in pair)
+    _, caches = large.forward_store(x, torch.randn(2, 7, 32), torch.randn(2, 16), torch.full((2,), 500.0))
+    allocated = sum(t.numel() * t.element_size() for t in caches.values())
     assert allocated == kv_cache_bytes(large.spec, 2, 16, "fp32")
 
 

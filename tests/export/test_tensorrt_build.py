@@ -366,11 +366,12 @@ def test_tensorrt_export_writes_engines_and_manifest(fp16_export):
     assert sorted(built) == [".tmp-trt-large.plugin.onnx", ".tmp-trt-small.plugin.onnx"]
     assert built[".tmp-trt-large.plugin.onnx"]["plugin"] and built[".tmp-trt-large.plugin.onnx"]["custom_nodes"] == 4
     assert not built[".tmp-trt-small.plugin.onnx"]["plugin"]  # no attention node: no aliased-I/O preview feature
-    # a static profile per bucket (k = ceil(0.3 * 16) = 5) and k = N = 16 for the full step, at the export batch
-    assert build["engines"]["large"]["profiles"] == [{"batch": 2, "k": 5}, {"batch": 2, "k": 16}]
-    assert build["engines"]["small"]["profiles"] == [{"batch": 2}]
+    # a static profile per batch (1, 2: up to the export's) and bucket (k = ceil(0.3 * 16) = 5), and k = N = 16
+    # for the full step
+    assert build["engines"]["large"]["profiles"] == [{"batch": b, "k": k} for b in (1, 2) for k in (5, 16)]
+    assert build["engines"]["small"]["profiles"] == [{"batch": 1}, {"batch": 2}]
     index_shapes = [p["index"] for p in built[".tmp-trt-large.plugin.onnx"]["profiles"]]
-    assert index_shapes == [([2, 5], [2, 5], [2, 5]), ([2, 16], [2, 16], [2, 16])]
+    assert index_shapes == [([b, k], [b, k], [b, k]) for b in (1, 2) for k in (5, 16)]
     assert all(b["timing_cache"] == os.path.join(out, build["timing_cache"]) for b in built.values())
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # prepared graphs removed
 

@@ -1,0 +1,208 @@
+"""Continuous (step-level) batching: requests join and leave the running batch at step boundaries.
+
+    with StepScheduler(pipe, max_samples=8) as scheduler:      # a worker thread runs the steps
+        future = scheduler.submit(prompt="a cat", config="hybridstitch-30", num_inference_steps=28,
+                                  generator=torch.Generator().manual_seed(0))
+        image = future.result().images[0]
+
+Each tick admits queued requests while fewer than ``max_samples`` images are in flight, then
+runs ONE step of every image in flight (:func:`hybridstitch.step.step`: each engine once over all
+the images that need it, whatever their request, preset, step count, guidance or arrival
+time; every image its own timestep), then hands the finished requests their outputs. An image's
+result is the same as in a direct ``pipe(...)`` call: stages, masks and caches are per image.
+
+Requests are checked and encoded at :meth:`StepScheduler.submit`, in the caller's thread, so a
+request no engine can serve (its size, a batch above the engines' largest profile, a ratio
+without a bucket) is refused there with a :class:`HybridStitchError` before any work. The
+queue is bounded: a full queue refuses too. A request that fails while running (an engine call
+that raises, latents that stop being finite) fails alone: its future gets the error, the other
+requests go on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import HybridStitchError
+from .pipeline import HybridStitchPipeline, PreparedCall
+
+
+@dataclass
+class _Request:
+    call: PreparedCall
+    future: Future
+    admitted: bool = False
+
+
+@dataclass
+class SchedulerStats:
+    ticks: int = 0
+    engine_calls: int = 0
+    completed: int = 0
+    failed: int = 0
+    samples_per_tick: list[int] = field(default_factory=list)
+
+
+class StepScheduler:
+    """Step-level batching over one pipeline (see the module docstring)."""
+
+    def __init__(self, pipe: HybridStitchPipeline, max_samples: int = 8, max_queue: int = 64):
+        if not isinstance(max_samples, int) or max_samples < 1:
+            raise HybridStitchError(f"max_samples must be a positive integer, got {max_samples!r}")
+        if not isinstance(max_queue, int) or max_queue < 1:
+            raise HybridStitchError(f"max_queue must be a positive integer, got {max_queue!r}")
+        self.pipe, self.max_samples, self.max_queue = pipe, max_samples, max_queue
+        self.stats = SchedulerStats()
+        self._queue: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._ids = 0
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def submit(self, *args, **kwargs) -> Future:
+        """Queue a request (``pipe(...)``'s arguments); the future resolves to its
+        :class:`~hybridstitch.pipeline.HybridStitchOutput`. Bad input raises here, before any work."""
+        kwargs.setdefault("progress", False)
+        call = self.pipe.prepare(*args, **kwargs)
+        images = len(call.samples)
+        if images > self.max_samples:
+            raise HybridStitchError(
+                f"this request makes {images} images; the scheduler runs at most {self.max_samples} at once "
+                "(max_samples): split the request, or raise max_samples"
+            )
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise HybridStitchError("the scheduler is closed; make a new one")
+            if len(self._queue) >= self.max_queue:
+                raise HybridStitchError(
+                    f"the queue is full ({self.max_queue} requests waiting): retry later, or raise max_queue"
+                )
+            for s in call.samples:  # ids unique across requests: a step orders its calls' rows by them
+                s.id, self._ids = self._ids, self._ids + 1
+                s.owner = call
+            self._queue.append(_Request(call, future))
+            self._wake.notify()
+        return future
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(r.call.samples) for r in self._running)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._queue:
+                images = len(self._queue[0].call.samples)
+                if self._running and self.in_flight + images > self.max_samples:
+                    break
+                request = self._queue.popleft()
+                if request.future.set_running_or_notify_cancel():
+                    request.admitted = True
+                    self._running.append(request)
+
+    def tick(self) -> bool:
+        """Admit, run one step of everything in flight, complete what finished. False when idle."""
+        self._admit()
+        if not self._running:
+            return False
+        samples = [s for r in self._running for s in r.call.samples if not s.done]
+        if samples:
+            self.stats.engine_calls += self.pipe.advance(samples)
+            self.stats.ticks += 1
+            self.stats.samples_per_tick.append(len(samples))
+        for request in [r for r in self._running if all(s.done for s in r.call.samples)]:
+            self._running.remove(request)
+            try:
+                request.future.set_result(self.pipe.finish(request.call))
+                self.stats.completed += 1
+            except Exception as error:  # noqa: BLE001 -- the request's own failure, handed to its caller
+                request.future.set_exception(error)
+                self.stats.failed += 1
+        return True
+
+    def run_until_idle(self) -> None:
+        """Run ticks in this thread until nothing is queued or in flight (no worker thread needed)."""
+        while self.tick() or self._queue:
+            pass
+
+    def start(self) -> "StepScheduler":
+        """Run the ticks in a worker thread until :meth:`close`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="hybridstitch-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._queue and not self._running:
+                    self._wake.wait()
+                if self._closed:
+                    return
+            try:
+                self.tick()
+            except Exception as error:  # noqa: BLE001 -- a bug in a tick must not hang every caller
+                for request in self._running:
+                    if not request.future.done():
+                        request.future.set_exception(error)
+                self._running.clear()
+
+    def close(self) -> None:
+        """Stop the worker; requests still queued or running fail with a HybridStitchError."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        closed = HybridStitchError("the scheduler was closed before this request finished")
+        for request in [*self._queue, *self._running]:
+            if request.future.done():
+                continue
+            if request.admitted or request.future.set_running_or_notify_cancel():  # False: cancelled by its caller
+                request.future.set_exception(closed)
+        self._queue.clear()
+        self._running.clear()
+
+    def __enter__(self) -> "StepScheduler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_requests(large, small, flow_scheduler, requests: list[dict], guidance_scale: float) -> list:
+    """Run ``requests`` together, step-level batched, on bare denoisers (the GPU suite's entry):
+    each a dict of ``latents`` [1, C, h, w], ``cond`` (a CFG-batched
+    :class:`~hybridstitch.conditioning.Conditioning`), ``config`` and ``num_inference_steps``.
+    Returns each request's final latents."""
+    latents = requests[0]["latents"]
+    pipe = HybridStitchPipeline(large, small, flow_scheduler, device=latents.device, dtype=latents.dtype)
+    samples, owners = [], []
+    for i, r in enumerate(requests):
+        made = pipe.samples(r["latents"], r["cond"], r["config"], r["num_inference_steps"], guidance_scale,
+                            first_id=len(samples))
+        for s in made:
+            s.owner = i
+        samples += made
+        owners.append(made)
+    while any(not s.done for s in samples):
+        pipe.advance(samples)
+    for s in samples:
+        if s.error is not None:
+            raise s.error
+    return [torch.cat([s.latents for s in made]) for made in owners]
+
+
+__all__ = ["SchedulerStats", "StepScheduler", "run_requests"]
