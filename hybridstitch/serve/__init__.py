@@ -7,6 +7,6 @@ model), ``loading``, ``client``, ``cli``. Triton and tritonclient are imported o
 so ``import hybridstitch.serve`` works without the ``serve`` extra.
 """
 
-from .runner import GenerationRequest, RequestRunner, SequentialRunner, open_runner
+from .runner import BatchingRunner, GenerationRequest, RequestRunner, SequentialRunner, open_runner
 
-__all__ = ["GenerationRequest", "RequestRunner", "SequentialRunner", "open_runner"]
+__all__ = ["BatchingRunner", "GenerationRequest", "RequestRunner", "SequentialRunner", "open_runner"]

@@ -1,10 +1,12 @@
 """Requests in, images out: the one interface the serving model runs requests through.
 
 The Triton model only calls :meth:`RequestRunner.submit` and :meth:`RequestRunner.close`, so
-the runtime behind it can change without touching the server: today :class:`SequentialRunner`
-(one worker thread, each request alone through ``HybridStitchPipeline.__call__``); with the
-step-level batching scheduler (issue 11), a runner that batches the in-flight requests per step.
-:func:`open_runner` is the one place that chooses.
+the runtime behind it can change without touching the server. :class:`BatchingRunner` (what
+:func:`open_runner` gives) runs the requests in flight together through the step-level
+scheduler: every step, each engine once over every image that needs it, whatever its request's
+preset, step count, guidance or arrival time; a request joins or leaves at a step boundary.
+:class:`SequentialRunner` (one request at a time, each alone through ``HybridStitchPipeline.__call__``)
+stays as the reference the batching one is measured and tested against.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ class RequestRunner(Protocol):
 
 
 def open_runner(pipe, max_queue: int) -> RequestRunner:
-    """The runner the serving model uses. The step-level batching scheduler replaces this line."""
-    return SequentialRunner(pipe, max_queue=max_queue)
+    """The runner the serving model uses: step-level batching over every request it holds."""
+    return BatchingRunner(pipe, max_samples=max_queue, max_queue=max_queue)
 
 
 def image_array(image) -> np.ndarray:
@@ -82,11 +84,11 @@ def image_array(image) -> np.ndarray:
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def generate_one(pipe, request: GenerationRequest) -> Result:
-    """One request alone through the pipeline: what a direct call with these arguments returns."""
+def call_arguments(request: GenerationRequest) -> dict:
+    """The pipeline arguments of one request: the same for a direct call and the scheduler."""
     import torch
 
-    out = pipe(
+    return dict(
         prompt=[request.prompt],
         negative_prompt=[request.negative_prompt],
         config=request.method,
@@ -96,7 +98,15 @@ def generate_one(pipe, request: GenerationRequest) -> Result:
         output_type="pil",
         progress=False,
     )
+
+
+def result_of(out) -> Result:
     return image_array(out.images[0]), out.trace.to_dict()
+
+
+def generate_one(pipe, request: GenerationRequest) -> Result:
+    """One request alone through the pipeline: what a direct call with these arguments returns."""
+    return result_of(pipe(**call_arguments(request)))
 
 
 class SequentialRunner:
@@ -162,3 +172,59 @@ class SequentialRunner:
                 item[1].set_exception(HybridStitchError("the server shut down before this request ran; send it again"))
         self._queue.put(None)
         self._worker.join()
+
+
+class BatchingRunner:
+    """Step-level batching: a :class:`~hybridstitch.scheduler.StepScheduler` on its own thread.
+
+    At most ``max_samples`` images run together (each request is one image); ``max_queue``
+    bounds the requests waiting beyond them, and a full queue refuses at :meth:`submit`. A
+    request's image and trace are those of a direct call with its arguments (stages, masks and
+    caches are per image). A request the pipeline refuses when preparing it (a prompt the
+    encoder does not know, a size the engines lack) fails its own future; the others go on.
+    """
+
+    def __init__(self, pipe, max_samples: int = 4, max_queue: int = 16):
+        from ..scheduler import StepScheduler
+
+        for name, value in (("max_samples", max_samples), ("max_queue", max_queue)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise HybridStitchError(f"{name} must be a positive integer, got {value!r}")
+        self._pipe = pipe
+        self._max_queue = max_queue
+        self._scheduler = StepScheduler(pipe, max_samples=max_samples, max_queue=max_queue).start()
+        self._lock = threading.Lock()  # orders submit against close, and the queue check against the put
+        self._closed = False
+
+    @property
+    def stats(self):
+        """The scheduler's counters (ticks, engine calls, images per tick)."""
+        return self._scheduler.stats
+
+    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
+        if not isinstance(request, GenerationRequest):
+            raise HybridStitchError(f"submit takes a GenerationRequest, got {type(request).__name__}")
+        with self._lock:
+            if self._closed:
+                raise HybridStitchError("the runner is closed (the server is shutting down); send the request again later")
+            if self._scheduler.queued >= self._max_queue:
+                raise HybridStitchError(
+                    f"the server is busy: {self._max_queue} requests are already waiting; retry later, or start the "
+                    "server with a larger --max-batch-size"
+                )
+            try:
+                call = self._pipe.prepare(**call_arguments(request))
+            except Exception as e:  # noqa: BLE001 - this request's own error (its prompt, its size): it fails alone
+                future: concurrent.futures.Future = concurrent.futures.Future()
+                future.set_running_or_notify_cancel()
+                future.set_exception(e)
+                return future
+            return self._scheduler.enqueue(call, then=result_of)
+
+    def close(self) -> None:
+        """Finish the requests running, fail the queued ones, stop the scheduler's thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._scheduler.close(finish_running=True)

@@ -1,4 +1,5 @@
-"""GenerationRequest's checks and the SequentialRunner stand-in, on the testbed's ONNX Runtime engines."""
+"""GenerationRequest's checks and both runners (step-level batching and one at a time), on the testbed's
+ONNX Runtime engines."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from hybridstitch import HybridStitchError
-from hybridstitch.serve.runner import MAX_STEPS, GenerationRequest, SequentialRunner
+from hybridstitch.serve.runner import MAX_STEPS, BatchingRunner, GenerationRequest, SequentialRunner, open_runner
 
 from .conftest import GUIDANCE, METHOD, STEPS, decisions, direct_call
 
@@ -44,8 +45,26 @@ def test_the_int64_range_and_numpy_integers_are_accepted():
     assert request(seed=np.int64(5), steps=np.int32(3)).steps == 3
 
 
-def test_results_equal_direct_calls_and_a_bad_request_fails_alone(direct_pipe):
-    runner = SequentialRunner(direct_pipe, max_queue=8)
+# One image at a time in both: with max_samples=1 the batching runner queues as the sequential one does.
+RUNNERS = {
+    "batching": lambda pipe, max_queue, max_samples=1: BatchingRunner(pipe, max_samples=max_samples, max_queue=max_queue),
+    "sequential": lambda pipe, max_queue, max_samples=1: SequentialRunner(pipe, max_queue=max_queue),
+}
+each_runner = pytest.mark.parametrize("make_runner", list(RUNNERS.values()), ids=list(RUNNERS))
+
+
+def test_the_server_runs_the_batching_runner(direct_pipe):
+    runner = open_runner(direct_pipe, max_queue=3)
+    try:
+        assert isinstance(runner, BatchingRunner)
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("max_samples", [1, 4])
+@each_runner
+def test_results_equal_direct_calls_and_a_bad_request_fails_alone(direct_pipe, make_runner, max_samples):
+    runner = make_runner(direct_pipe, max_queue=8, max_samples=max_samples)
     try:
         good = [request("a handwritten 3", 0), request("a handwritten 7", 1, method="large"), request("a handwritten 5", 2)]
         # The testbed's prompt encoder refuses what it does not know: an error inside the run itself.
@@ -63,8 +82,30 @@ def test_results_equal_direct_calls_and_a_bad_request_fails_alone(direct_pipe):
         runner.close()
 
 
-def test_a_full_queue_refuses_at_submit_and_close_fails_the_waiting(direct_pipe):
-    runner = SequentialRunner(direct_pipe, max_queue=2)
+def test_requests_in_flight_together_share_engine_calls(direct_pipe):
+    """Four requests with different presets, step counts and seeds, all in flight: each engine runs
+    once per step over the images that need it, and every image is the one it would be alone."""
+    reqs = [request("a handwritten 3", 0), request("a handwritten 7", 1, method="large", steps=8),
+            request("a handwritten 5", 2, steps=16), request("a handwritten 1", 3, method="testbed-10")]
+    runner = BatchingRunner(direct_pipe, max_samples=4, max_queue=4)
+    try:
+        futures = [runner.submit(r) for r in reqs]
+        results = [f.result(timeout=300) for f in futures]
+    finally:
+        runner.close()
+    for req, (image, trace) in zip(reqs, results, strict=True):
+        want_image, want_trace = direct_call(direct_pipe, req.prompt, req.seed, req.method, steps=req.steps)
+        np.testing.assert_array_equal(image, want_image)
+        assert decisions(trace) == decisions(want_trace)
+    stats = runner.stats
+    assert stats.completed == 4 and max(stats.samples_per_tick) > 1
+    # alone, the four would take at least one call per step each: sum(steps) = 48
+    assert stats.ticks < sum(r.steps for r in reqs)
+
+
+@each_runner
+def test_a_full_queue_refuses_at_submit_and_close_fails_the_waiting(direct_pipe, make_runner):
+    runner = make_runner(direct_pipe, max_queue=2)
     try:
         first = runner.submit(request(steps=60, method="large"))  # ~2 s alone: the queue fills meanwhile
         deadline = time.monotonic() + 30
@@ -78,14 +119,15 @@ def test_a_full_queue_refuses_at_submit_and_close_fails_the_waiting(direct_pipe)
         runner.close()
     assert first.done() and first.exception() is None  # the running request finished
     for future in waiting:
-        with pytest.raises(HybridStitchError, match="shut down before this request ran"):
+        with pytest.raises(HybridStitchError, match="shut down before this request ran; send it again"):
             future.result(timeout=0)
     with pytest.raises(HybridStitchError, match="the runner is closed"):
         runner.submit(request())
 
 
-def test_submit_takes_only_a_generation_request(direct_pipe):
-    runner = SequentialRunner(direct_pipe, max_queue=1)
+@each_runner
+def test_submit_takes_only_a_generation_request(direct_pipe, make_runner):
+    runner = make_runner(direct_pipe, max_queue=1)
     try:
         with pytest.raises(HybridStitchError, match="submit takes a GenerationRequest, got dict"):
             runner.submit({"prompt": "a handwritten 3", "seed": 0})
