@@ -112,11 +112,21 @@ class StepScheduler:
 
     # -- the loop ---------------------------------------------------------------------------------
 
+    def _fits(self, rows: int) -> bool:
+        """Whether both engines run ``rows`` rows in one call (TensorRT profiles end at the exported
+        batch; ONNX Runtime graphs take any). A step's largest call has at most every row in flight."""
+        for denoiser in (self.pipe.large, self.pipe.small):
+            problem = getattr(denoiser, "batch_problem", None)
+            if problem is not None and problem(rows) is not None:
+                return False
+        return True
+
     def _admit(self) -> None:
         with self._lock:
             while self._queue and not self._closed:
-                images = len(self._queue[0].call.samples)
-                if self._running and self.in_flight + images > self.max_samples:
+                samples = self._queue[0].call.samples
+                if self._running and (self.in_flight + len(samples) > self.max_samples or not self._fits(
+                        sum(s.rows for r in self._running for s in r.call.samples) + sum(s.rows for s in samples))):
                     break
                 request = self._queue.popleft()
                 if request.future.set_running_or_notify_cancel():
