@@ -204,12 +204,40 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    from .serve import cli as serve_cli
+
+    p = sub.add_parser("serve", help=serve_cli.SERVE_HELP, description=serve_cli.SERVE_HELP)
+    serve_cli.add_serve_arguments(p)
+
+
+def _serve(args) -> int:
+    from .serve import cli as serve_cli
+
+    return serve_cli.run_serve(*serve_cli.serve_settings_from_args(args))
+
+
+def _add_client(sub) -> None:
+    from .serve import cli as serve_cli
+
+    p = sub.add_parser("client", help=serve_cli.CLIENT_HELP, description=serve_cli.CLIENT_HELP)
+    serve_cli.add_client_arguments(p)
+
+
+def _client(args) -> int:
+    from .serve import cli as serve_cli
+
+    return serve_cli.run_client(args)
+
+
 # command -> (add its parser, run it)
 COMMANDS = {
     "generate": (_add_generate, _generate),
     "demo": (_add_demo, _demo),
     "bench": (_add_bench, _bench),
     "calibrate": (_add_calibrate, _calibrate),
+    "serve": (_add_serve, _serve),
+    "client": (_add_client, _client),
 }
 
 

@@ -25,17 +25,19 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
 from .errors import HybridStitchError
-from .pipeline import HybridStitchPipeline, PreparedCall
+from .pipeline import HybridStitchOutput, HybridStitchPipeline, PreparedCall
 
 
 @dataclass
 class _Request:
     call: PreparedCall
     future: Future
+    then: Callable[[HybridStitchOutput], Any] | None = None
     admitted: bool = False
 
 
@@ -64,6 +66,7 @@ class StepScheduler:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._finish_running = False
         self._ids = 0
 
     # -- requests ---------------------------------------------------------------------------------
@@ -72,7 +75,11 @@ class StepScheduler:
         """Queue a request (``pipe(...)``'s arguments); the future resolves to its
         :class:`~hybridstitch.pipeline.HybridStitchOutput`. Bad input raises here, before any work."""
         kwargs.setdefault("progress", False)
-        call = self.pipe.prepare(*args, **kwargs)
+        return self.enqueue(self.pipe.prepare(*args, **kwargs))
+
+    def enqueue(self, call: PreparedCall, then: Callable[[HybridStitchOutput], Any] | None = None) -> Future:
+        """Queue a call already made by ``pipe.prepare``. The future resolves to its output, or to
+        ``then(output)`` (run on the scheduler's thread; an error there fails this request alone)."""
         images = len(call.samples)
         if images > self.max_samples:
             raise HybridStitchError(
@@ -90,9 +97,14 @@ class StepScheduler:
             for s in call.samples:  # ids unique across requests: a step orders its calls' rows by them
                 s.id, self._ids = self._ids, self._ids + 1
                 s.owner = call
-            self._queue.append(_Request(call, future))
+            self._queue.append(_Request(call, future, then))
             self._wake.notify()
         return future
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting to be admitted."""
+        return len(self._queue)
 
     @property
     def in_flight(self) -> int:
@@ -100,11 +112,21 @@ class StepScheduler:
 
     # -- the loop ---------------------------------------------------------------------------------
 
+    def _fits(self, rows: int) -> bool:
+        """Whether both engines run ``rows`` rows in one call (TensorRT profiles end at the exported
+        batch; ONNX Runtime graphs take any). A step's largest call has at most every row in flight."""
+        for denoiser in (self.pipe.large, self.pipe.small):
+            problem = getattr(denoiser, "batch_problem", None)
+            if problem is not None and problem(rows) is not None:
+                return False
+        return True
+
     def _admit(self) -> None:
         with self._lock:
-            while self._queue:
-                images = len(self._queue[0].call.samples)
-                if self._running and self.in_flight + images > self.max_samples:
+            while self._queue and not self._closed:
+                samples = self._queue[0].call.samples
+                if self._running and (self.in_flight + len(samples) > self.max_samples or not self._fits(
+                        sum(s.rows for r in self._running for s in r.call.samples) + sum(s.rows for s in samples))):
                     break
                 request = self._queue.popleft()
                 if request.future.set_running_or_notify_cancel():
@@ -124,7 +146,8 @@ class StepScheduler:
         for request in [r for r in self._running if all(s.done for s in r.call.samples)]:
             self._running.remove(request)
             try:
-                request.future.set_result(self.pipe.finish(request.call))
+                output = self.pipe.finish(request.call)
+                request.future.set_result(output if request.then is None else request.then(output))
                 self.stats.completed += 1
             except Exception as error:  # noqa: BLE001 -- the request's own failure, handed to its caller
                 request.future.set_exception(error)
@@ -148,7 +171,7 @@ class StepScheduler:
             with self._lock:
                 while not self._closed and not self._queue and not self._running:
                     self._wake.wait()
-                if self._closed:
+                if self._closed and not (self._finish_running and self._running):
                     return
             try:
                 self.tick()
@@ -158,21 +181,27 @@ class StepScheduler:
                         request.future.set_exception(error)
                 self._running.clear()
 
-    def close(self) -> None:
-        """Stop the worker; requests still queued or running fail with a HybridStitchError."""
+    def close(self, finish_running: bool = False) -> None:
+        """Stop the worker. Queued requests fail with a HybridStitchError; running ones fail too,
+        or, with ``finish_running``, run to the end first (nothing new is admitted meanwhile)."""
         with self._lock:
-            self._closed = True
+            self._closed, self._finish_running = True, finish_running
             self._wake.notify_all()
+            queued, self._queue = list(self._queue), deque()
+        for request in queued:  # fail the waiting at once: a draining close may take a while
+            if request.future.set_running_or_notify_cancel():  # False: cancelled by its caller
+                request.future.set_exception(HybridStitchError(
+                    "the scheduler shut down before this request ran; send it again"))
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        closed = HybridStitchError("the scheduler was closed before this request finished")
-        for request in [*self._queue, *self._running]:
-            if request.future.done():
-                continue
-            if request.admitted or request.future.set_running_or_notify_cancel():  # False: cancelled by its caller
-                request.future.set_exception(closed)
-        self._queue.clear()
+        elif finish_running:
+            while self._running:
+                self.tick()
+        for request in self._running:
+            if not request.future.done():
+                request.future.set_exception(HybridStitchError(
+                    "the scheduler shut down while this request ran; send it again"))
         self._running.clear()
 
     def __enter__(self) -> "StepScheduler":

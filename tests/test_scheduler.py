@@ -133,3 +133,29 @@ def test_a_worker_thread_serves_callers_of_several_threads(pipe):
     sched2.close()
     with pytest.raises(HybridStitchError, match="closed"):
         sched2.submit(**kwargs(*REQUESTS[0]))
+
+
+def test_images_in_flight_stay_within_the_engines_largest_batch(pipe, monkeypatch):
+    """TensorRT engines end at the exported batch: the scheduler admits a request only while every
+    row in flight fits one call (here 4 rows: two images with guidance), and the rest wait."""
+    for denoiser in (pipe.large, pipe.small):
+        monkeypatch.setattr(denoiser, "batch_problem", lambda rows: "hold profiles up to batch 4" if rows > 4 else None,
+                            raising=False)
+    sched = StepScheduler(pipe, max_samples=8)
+    futures = [sched.submit(**kwargs(*r)) for r in REQUESTS]
+    sched.run_until_idle()
+    assert all(f.exception() is None for f in futures)
+    assert max(sched.stats.samples_per_tick) == 2 and sched.stats.completed == 4
+
+
+def test_close_can_finish_the_running_and_fails_the_queued(pipe):
+    sched = StepScheduler(pipe, max_samples=1)
+    running = sched.submit(**kwargs(*REQUESTS[0]))
+    queued = sched.submit(**kwargs(*REQUESTS[1]))
+    sched.tick()  # admits the first only
+    sched.close(finish_running=True)
+    assert running.result().trace.num_steps == REQUESTS[0][2]
+    with pytest.raises(HybridStitchError, match="shut down before this request ran"):
+        queued.result(timeout=0)
+    with pytest.raises(HybridStitchError, match="the scheduler is closed"):
+        sched.submit(**kwargs(*REQUESTS[0]))
