@@ -116,7 +116,9 @@ class Verifier:
         if not (self._dirty and self.path):
             return
         try:
-            atomic_write_text(self.path, json.dumps(self.stamps, indent=1, sort_keys=True) + "\n")
+            # the temporary carries the project's marker, so an export of the folder knows it for its own
+            atomic_write_text(self.path, json.dumps(self.stamps, indent=1, sort_keys=True) + "\n",
+                              prefix=".tmp-hybridstitch-verified-")
             self._dirty = False
         except OSError:
             pass

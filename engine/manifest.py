@@ -103,10 +103,12 @@ def sealed(data: dict) -> dict:
 
 def weight_files(transformer_dir: str) -> list[str]:
     """The files that hold a transformer: its config and every safetensors shard (and index)."""
-    names = sorted(
-        n for n in os.listdir(transformer_dir)
-        if n.endswith(".safetensors") or n.endswith(".safetensors.index.json") or n == "config.json"
-    )
+    try:
+        listed = os.listdir(transformer_dir)
+    except OSError as e:
+        raise HybridStitchError(f"cannot read the folder {transformer_dir} ({e.strerror or e})") from e
+    names = sorted(n for n in listed if n.endswith(".safetensors") or n.endswith(".safetensors.index.json")
+                   or n == "config.json")
     if not any(n.endswith(".safetensors") for n in names):
         raise HybridStitchError(
             f"no *.safetensors weights in {transformer_dir}; export needs diffusers safetensors checkpoints "
@@ -125,7 +127,11 @@ def fingerprint_weights(transformer_dir: str) -> dict:
     """``{"sha256": <over the files' names and hashes>, "files": [{name, size, mtime_ns, sha256, stat}]}``."""
     files = []
     for name in weight_files(transformer_dir):
-        record = file_record(os.path.join(transformer_dir, name), name)
+        path = os.path.join(transformer_dir, name)
+        try:
+            record = file_record(path, name)
+        except OSError as e:
+            raise HybridStitchError(f"cannot read {path} ({e.strerror or e}); check its permissions") from e
         files.append(dict(record, mtime_ns=record["stat"]["mtime_ns"]))
     return dict(sha256=sha256_json([(f["name"], f["sha256"]) for f in files]), files=files)
 
