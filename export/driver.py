@@ -101,7 +101,7 @@ def _shown(names: list[str]) -> str:
 def _existing(folder: str, out: str, manifest: Manifest, overwrite: bool) -> tuple[Manifest | None, bool]:
     """What ``folder`` holds: ``(old manifest to resume from, whether to replace the folder)``."""
     if not os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
-        foreign = foreign_entries(folder)
+        foreign = foreign_entries(folder, with_manifest=False)
         if foreign:
             raise HybridStitchError(
                 f"{out} holds {_shown(foreign)} but no engine manifest.json: it is not an engine folder, and the "
@@ -117,6 +117,8 @@ def _existing(folder: str, out: str, manifest: Manifest, overwrite: bool) -> tup
     why = config_mismatch(old, manifest)
     if why is None:
         return old, False
+    if not old.graphs:  # an export that stopped before its first graph: nothing there to keep
+        return None, False
     if not overwrite:
         raise HybridStitchError(
             f"{out} holds engines of another configuration: {why}. Export into another folder (--out), "
@@ -161,6 +163,8 @@ def _build(plan: ExportPlan, out: str, old: Manifest | None, loaders: dict, prog
         manifest.buckets.sort(key=lambda b: b.ratio)
     else:
         manifest.created = utc_now()
+        manifest.complete = False
+        manifest.save(out)  # before the first graph lands: the folder never holds graphs no manifest claims
 
     for g in plan.graphs:
         previous = old.graphs.get(g.name) if old is not None else None

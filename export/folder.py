@@ -39,15 +39,18 @@ LOCK_NAME = ".hybridstitch-export.lock"
 _GRAPH_FILE = re.compile(r"(small|large|full_large|large_masked_[0-9.]+)\.onnx(\.data)?")
 
 
-def is_export_entry(name: str) -> bool:
-    """Whether ``name`` (an entry of an engine folder) is one an export writes."""
-    return (name in (MANIFEST_NAME, STAMP_NAME, LOCK_NAME, TENSORRT_DIR) or name.startswith(".tmp-hybridstitch-")
-            or bool(_GRAPH_FILE.fullmatch(name)))
+def is_export_entry(name: str, with_manifest: bool = True) -> bool:
+    """Whether ``name`` (an entry of an engine folder) is one an export writes. Without a manifest
+    (``with_manifest=False``) only the lock, the stamp file and marked temporaries count: graph
+    files no manifest claims may be anyone's (``small.onnx`` is a common name)."""
+    if name in (STAMP_NAME, LOCK_NAME) or name.startswith(".tmp-hybridstitch-"):
+        return True
+    return with_manifest and (name in (MANIFEST_NAME, TENSORRT_DIR) or bool(_GRAPH_FILE.fullmatch(name)))
 
 
-def foreign_entries(folder: str) -> list[str]:
-    """The entries of ``folder`` that no export wrote (sorted)."""
-    return sorted(n for n in os.listdir(folder) if not is_export_entry(n))
+def foreign_entries(folder: str, with_manifest: bool = True) -> list[str]:
+    """The entries of ``folder`` that no export wrote (sorted); see :func:`is_export_entry`."""
+    return sorted(n for n in os.listdir(folder) if not is_export_entry(n, with_manifest))
 
 
 # -- the lock -------------------------------------------------------------------------------------------------

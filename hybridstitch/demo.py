@@ -146,7 +146,7 @@ def check_engine_dir(engine_dir: str, req) -> None:
     if not os.path.isfile(os.path.join(engine_dir, "manifest.json")):
         from hybridstitch.export.folder import foreign_entries
 
-        if foreign_entries(engine_dir):  # an export stopped before its manifest leaves only its own entries
+        if foreign_entries(engine_dir, with_manifest=False):  # an export stopped before its first graph
             raise HybridStitchError(f"{engine_dir} holds files but no engine manifest.json; {fix}")
         return
     try:

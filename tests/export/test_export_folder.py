@@ -263,10 +263,34 @@ def test_a_folder_of_other_files_is_never_built_into(tiny_dirs, tmp_path):
     folder.mkdir()
     (folder / "small.onnx").write_text("my own model")
     (folder / "readme.txt").write_text("mine")
-    with pytest.raises(HybridStitchError, match="holds readme.txt but no engine manifest.json"):
+    with pytest.raises(HybridStitchError, match="holds readme.txt, small.onnx but no engine manifest.json"):
         export_engines(ExportRequest(large=tiny_dirs[0], small=tiny_dirs[1], height=64, width=64, text_tokens=7),
                        str(folder), progress=False)
     assert sorted(os.listdir(folder)) == ["readme.txt", "small.onnx"]  # not even a lock file
+    (folder / "readme.txt").unlink()  # a graph no manifest claims is not the export's either
+    with pytest.raises(HybridStitchError, match="holds small.onnx but no engine manifest.json"):
+        export_engines(ExportRequest(large=tiny_dirs[0], small=tiny_dirs[1], height=64, width=64, text_tokens=7),
+                       str(folder), progress=False)
+    assert sorted(os.listdir(folder)) == ["small.onnx"] and (folder / "small.onnx").read_text() == "my own model"
+
+
+def test_a_first_export_writes_its_manifest_before_any_graph(tiny_dirs, tmp_path, monkeypatch):
+    """So a folder never holds graphs no manifest claims; one stopped before its first graph holds
+    nothing to keep, and an export of another configuration goes in without --overwrite."""
+    out = str(tmp_path / "eng")
+    req = ExportRequest(large=tiny_dirs[0], small=tiny_dirs[1], height=64, width=64, text_tokens=7)
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "_build_graph", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        export_engines(req, out, progress=False)
+    m = read_manifest(out)
+    assert not m.complete and m.graphs == {}
+    monkeypatch.undo()
+    manifest = export_engines(ExportRequest(**{**vars(req), "text_tokens": 9}), out, progress=False)
+    assert manifest.complete and read_manifest(out).tokens["text"] == 9
 
 
 # -- 12. --quiet ---------------------------------------------------------------------------------------------
