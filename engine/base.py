@@ -198,7 +198,13 @@ class EngineSet:
 
     def scheduler(self):
         """The large checkpoint's scheduler as recorded at export (SD3's default when none was)."""
-        return sd3_scheduler(self.manifest.scheduler)
+        try:
+            return sd3_scheduler(self.manifest.scheduler)
+        except Exception as e:  # diffusers' own checks of a config the schema lets through
+            raise HybridStitchError(
+                f"the scheduler recorded in {self.folder}'s manifest cannot be made ({type(e).__name__}: {e}); "
+                "re-export the engines from a checkpoint whose scheduler/scheduler_config.json diffusers loads"
+            ) from e
 
 
 __all__ = [

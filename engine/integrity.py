@@ -45,7 +45,23 @@ def file_stat(path: str) -> dict[str, int]:
 
 
 def same_file(stat: dict, recorded: dict | None) -> bool:
-    return bool(recorded) and all(stat.get(k) == recorded.get(k) for k in STAT_FIELDS)
+    return isinstance(recorded, dict) and bool(recorded) and all(stat.get(k) == recorded.get(k) for k in STAT_FIELDS)
+
+
+def inside_folder(folder: str, name: str) -> str | None:
+    """Why ``folder/name`` is not a path inside ``folder`` (None when it is): an absolute name, a
+    ``..`` that climbs out, or a link that resolves outside. Touches nothing."""
+    root = os.path.realpath(folder)
+    if os.path.isabs(name):
+        return f"{name} is an absolute path; an engine folder's files are named relative to it"
+    real = os.path.realpath(os.path.join(folder, name))
+    if os.path.commonpath([root, real]) != root or real == root:
+        return f"{name} resolves to {real}, outside the engine folder {folder}"
+    return None
+
+
+def _unreadable(name: str, e: OSError) -> str:
+    return f"{name} cannot be read ({e.strerror or e}); check its permissions"
 
 
 class Verifier:
@@ -62,26 +78,33 @@ class Verifier:
                 with open(self.path, encoding="utf-8") as f:
                     loaded = json.load(f)
                 self.stamps = loaded if isinstance(loaded, dict) else {}
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 self.stamps = {}  # a damaged stamp file only costs a hash
 
     def check(self, path: str, size: int, sha256: str, recorded_stat: dict | None = None, hash_files: bool = True,
               name: str | None = None, recorded_at: str = "export") -> str | None:
         """Why ``path`` is not the file recorded (missing, resized, other sha256), or None. Reads at most once."""
         name = name or os.path.basename(path)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        stat = file_stat(path)
+        try:
+            if not os.path.isfile(path):
+                return f"{name} is missing"
+            stat = file_stat(path)
+        except OSError as e:
+            return _unreadable(name, e)
         if stat["size"] != size:
             return f"{name} is {stat['size']} bytes, {size} when built (truncated or replaced)"
         if not hash_files:
             return None
         key = os.path.abspath(path)
         stamp = self.stamps.get(key)
-        if same_file(stat, recorded_stat) or (stamp and stamp.get("sha256") == sha256 and same_file(stat, stamp)):
+        if same_file(stat, recorded_stat) or (same_file(stat, stamp) and stamp.get("sha256") == sha256):
             return None
         self.hashed.append(key)
-        if sha256_file(path) != sha256:
+        try:
+            digest = sha256_file(path)
+        except OSError as e:
+            return _unreadable(name, e)
+        if digest != sha256:
             return f"{name} is corrupted (sha256 differs from the one recorded at {recorded_at})"
         self.stamps[key] = dict(stat, sha256=sha256)
         self._dirty = True
@@ -93,10 +116,12 @@ class Verifier:
         if not (self._dirty and self.path):
             return
         try:
-            atomic_write_text(self.path, json.dumps(self.stamps, indent=1, sort_keys=True) + "\n")
+            # the temporary carries the project's marker, so an export of the folder knows it for its own
+            atomic_write_text(self.path, json.dumps(self.stamps, indent=1, sort_keys=True) + "\n",
+                              prefix=".tmp-hybridstitch-verified-")
             self._dirty = False
         except OSError:
             pass
 
 
-__all__ = ["STAMP_NAME", "Verifier", "file_stat", "same_file", "sha256_file"]
+__all__ = ["STAMP_NAME", "Verifier", "file_stat", "inside_folder", "same_file", "sha256_file"]

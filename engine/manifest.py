@@ -3,7 +3,8 @@
 ``manifest.json`` (format ``hybridstitch-engines``, version :data:`FORMAT_VERSION`)::
 
     {
-      "format": "hybridstitch-engines", "format_version": 2,
+      "format": "hybridstitch-engines", "format_version": 3,
+      "checksum": "<sha256 of everything else in the file>",
       "created": "2025-01-01T00:00:00Z",   # first export into this folder
       "updated": "...",                      # last graph built
       "complete": true,                      # every graph listed below is built
@@ -35,16 +36,19 @@
                                              # version: see hybridstitch.export.tensorrt_build
     }
 
-Version 2 (this one) holds the large weights once: one large graph with a symbolic number of
-masked tokens serves every mask ratio and the full step (version 1 had a full large graph and
-one masked graph per bucket, each with its own copy of the weights). Dtypes are ONNX element-type names (``float``, ``float16``, ``int64``). The transformer
+Version 3 (this one) carries a checksum and is read against a schema (:mod:`.manifest_schema`).
+Version 2 held the same fields without them; version 1 had a full large graph and one masked graph
+per bucket, each with its own copy of the weights (version 2 on: one large graph with a symbolic
+number of masked tokens serves every mask ratio and the full step). Dtypes are ONNX element-type names (``float``, ``float16``, ``int64``). The transformer
 configs make the engines self-describing: a runtime builds its :class:`TransformerSpec` from
 them without the checkpoints. Every write is atomic (:mod:`hybridstitch.fileio`).
 
 The runtime (``hybridstitch.engine``) reads this module; the builder (``hybridstitch.export``)
-writes through it. Reading is strict: an unknown format or version, a manifest of another backend, a graph
-file that is missing, truncated or altered, each raise :class:`HybridStitchError` with the
-fix (re-export), and never touch the folder.
+writes through it. Reading is strict and reads only: an unknown format or version, a field of the
+wrong type, range or shape (named by its path), a path that leaves the engine folder, a manifest
+edited after export (its checksum: a changed scheduler ``shift`` would silently change every
+image), a graph file that is missing, unreadable, truncated or altered, each raise
+:class:`HybridStitchError` with the fix (re-export).
 """
 
 from __future__ import annotations
@@ -60,14 +64,19 @@ from hybridstitch.denoiser import Bucket, TransformerSpec
 from hybridstitch.errors import HybridStitchError
 from hybridstitch.fileio import atomic_write_text
 
-from .integrity import Verifier, file_stat, sha256_file
+from .integrity import Verifier, file_stat, inside_folder, sha256_file
+from .manifest_schema import validate_manifest
 
 FORMAT = "hybridstitch-engines"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # The symbolic dimensions of the graphs' shapes: the batch (CFG included) and the masked tokens k.
 BATCH, MASKED = "batch", "k"
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "bf16")
+# Temporary files and folders an export writes in (and beside) an engine folder carry this prefix:
+# a later export, holding the folder's lock, removes those left by one that was killed.
+EXPORT_TMP_PREFIX = ".tmp-hybridstitch-export-"
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is kilobytes; anything near this is not one
 
 
 def utc_now() -> str:
@@ -78,12 +87,28 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+def manifest_checksum(data: dict) -> str:
+    """sha256 of a manifest's content as JSON (sorted keys, compact), its ``checksum`` field left out."""
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sealed(data: dict) -> dict:
+    """``data`` as written: JSON types only (tuples become lists) and its checksum added."""
+    plain = json.loads(json.dumps({k: v for k, v in data.items() if k != "checksum"}))
+    head = {k: plain[k] for k in ("format", "format_version") if k in plain}  # identity first, for readers
+    return {**head, "checksum": manifest_checksum(plain), **plain}
+
+
 def weight_files(transformer_dir: str) -> list[str]:
     """The files that hold a transformer: its config and every safetensors shard (and index)."""
-    names = sorted(
-        n for n in os.listdir(transformer_dir)
-        if n.endswith(".safetensors") or n.endswith(".safetensors.index.json") or n == "config.json"
-    )
+    try:
+        listed = os.listdir(transformer_dir)
+    except OSError as e:
+        raise HybridStitchError(f"cannot read the folder {transformer_dir} ({e.strerror or e})") from e
+    names = sorted(n for n in listed if n.endswith(".safetensors") or n.endswith(".safetensors.index.json")
+                   or n == "config.json")
     if not any(n.endswith(".safetensors") for n in names):
         raise HybridStitchError(
             f"no *.safetensors weights in {transformer_dir}; export needs diffusers safetensors checkpoints "
@@ -102,7 +127,11 @@ def fingerprint_weights(transformer_dir: str) -> dict:
     """``{"sha256": <over the files' names and hashes>, "files": [{name, size, mtime_ns, sha256, stat}]}``."""
     files = []
     for name in weight_files(transformer_dir):
-        record = file_record(os.path.join(transformer_dir, name), name)
+        path = os.path.join(transformer_dir, name)
+        try:
+            record = file_record(path, name)
+        except OSError as e:
+            raise HybridStitchError(f"cannot read {path} ({e.strerror or e}); check its permissions") from e
         files.append(dict(record, mtime_ns=record["stat"]["mtime_ns"]))
     return dict(sha256=sha256_json([(f["name"], f["sha256"]) for f in files]), files=files)
 
@@ -117,6 +146,8 @@ def weights_changed(transformer_dir: str, recorded: dict, verifier: Verifier | N
         names = weight_files(transformer_dir)
     except (OSError, HybridStitchError) as e:
         return str(e)
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("files"), list):
+        return "the manifest's record of the weights is malformed"
     want = {f["name"]: f for f in recorded.get("files", [])}
     if set(names) != set(want):
         return f"files differ: now {names}, at export {sorted(want)}"
@@ -131,8 +162,12 @@ def weights_changed(transformer_dir: str, recorded: dict, verifier: Verifier | N
 
 def file_problem(folder: str, name: str, size: int, sha256: str, hash_files: bool = True, recorded_at: str = "export",
                  stat: dict | None = None, verifier: Verifier | None = None) -> str | None:
-    """Why ``folder/name`` is not the file recorded (missing, resized, other sha256), or None. Reads
-    only, and hashes only a file whose stat moved since ``stat`` (or the folder's stamp)."""
+    """Why ``folder/name`` is not the file recorded (outside the folder, missing, unreadable, resized,
+    other sha256), or None. Reads only, and hashes only a file whose stat moved since ``stat`` (or
+    the folder's stamp)."""
+    why = inside_folder(folder, name)
+    if why is not None:
+        return why
     return (verifier or Verifier()).check(os.path.join(folder, name), size, sha256, stat, hash_files, name=name,
                                           recorded_at=recorded_at)
 
@@ -237,10 +272,14 @@ class Manifest:
         return {k: d[k] for k in order}
 
     def save(self, folder: str) -> None:
-        atomic_write_text(os.path.join(folder, MANIFEST_NAME), json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write ``manifest.json`` atomically, with the checksum of its content."""
+        atomic_write_text(os.path.join(folder, MANIFEST_NAME), json.dumps(sealed(self.to_dict()), indent=2) + "\n",
+                          prefix=EXPORT_TMP_PREFIX)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "manifest") -> "Manifest":
+        """The manifest ``d`` (parsed JSON), refused with the field to fix unless it is one an export
+        wrote: format and version, the schema, then the checksum."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise HybridStitchError(
                 f"{where} is not a hybridstitch engine manifest (format {d.get('format') if isinstance(d, dict) else None!r}, "
@@ -253,23 +292,31 @@ class Manifest:
                 "Re-export the engines with this hybridstitch version (hybridstitch-export ... --out DIR), or use the "
                 "hybridstitch version that wrote them"
             )
-        try:
-            d = dict(d)
-            d["graphs"] = {name: GraphEntry.from_dict(g) for name, g in d.get("graphs", {}).items()}
-            d["buckets"] = [
-                Bucket(ratio=float(b["ratio"]), masked_tokens=int(b["masked_tokens"]), graph=str(b["graph"]))
-                for b in d.get("buckets", [])
-            ]
-            known = set(cls.__dataclass_fields__)
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except (KeyError, TypeError, ValueError) as e:
-            raise HybridStitchError(f"{where} is malformed ({type(e).__name__}: {e}); re-export the engines") from e
+        fix = ("Re-export the engines (hybridstitch-export ... --out DIR; --overwrite replaces the folder): a "
+               "manifest is written by the export and read as written")
+        problems = validate_manifest(d)
+        if problems:
+            shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+            raise HybridStitchError(f"{where} is not a valid engine manifest: {shown}. {fix}")
+        if d["checksum"] != manifest_checksum(d):
+            raise HybridStitchError(
+                f"{where} was changed after export: its checksum does not match its content (an edited field, "
+                f"e.g. the scheduler's shift, would silently change the images). {fix}"
+            )
+        d = {k: v for k, v in d.items() if k != "checksum"}
+        d["graphs"] = {name: GraphEntry.from_dict(g) for name, g in d["graphs"].items()}
+        d["buckets"] = [Bucket(ratio=float(b["ratio"]), masked_tokens=b["masked_tokens"], graph=b["graph"])
+                        for b in d["buckets"]]
+        d["fp32_blocks"] = list(d["fp32_blocks"])
+        return cls(**d)
 
 
 def read_manifest(folder: str) -> Manifest:
     """The manifest of an engine folder; every problem is a HybridStitchError that says what to do."""
     if not os.path.isdir(folder):
         raise HybridStitchError(f"engine folder {folder!r} does not exist; build it with hybridstitch-export --out {folder}")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise HybridStitchError(f"cannot read the engine folder {folder} (permission denied); check its permissions")
     path = os.path.join(folder, MANIFEST_NAME)
     if not os.path.isfile(path):
         raise HybridStitchError(
@@ -277,8 +324,14 @@ def read_manifest(folder: str) -> Manifest:
             f"run hybridstitch-export --out {folder}"
         )
     try:
+        if os.path.getsize(path) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"{os.path.getsize(path)} bytes is no engine manifest")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise HybridStitchError(f"could not read {path}: {e}; re-export the engines (hybridstitch-export --out {folder})") from e
+    except (OSError, ValueError, RecursionError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise HybridStitchError(
+            f"could not read {path} ({why}); check its permissions, or re-export the engines "
+            f"(hybridstitch-export --out {folder})"
+        ) from e
     return Manifest.from_dict(data, where=path)

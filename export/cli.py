@@ -9,8 +9,10 @@
         [--hardware-compatibility none|ampere_plus|same_compute_capability] --out ENGINE_DIR
 
 Rerunning the same command resumes an interrupted export (valid engines are skipped) and
-rebuilds only engines whose files are missing or damaged. Exit status 0 on success, 2 on a
-user error (printed as one line that says what to do), 1 on an unexpected failure.
+rebuilds only engines whose files are missing or damaged. One export at a time writes a folder
+(a second is refused, or waits with ``--wait SECONDS``); ``--overwrite`` builds a replacement
+beside the folder and swaps it in when complete. Exit status 0 on success, 2 on a user error
+(printed as one line that says what to do), 1 on an unexpected failure.
 """
 
 from __future__ import annotations
@@ -38,12 +40,29 @@ def _fp32_blocks(values: list[str] | None):
         raise HybridStitchError(f"--fp32-blocks takes auto, none or block indices, got {' '.join(values)}") from None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line and exit status 2, like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hybridstitch.engine.builds import ATTENTIONS, COMPILERS, HARDWARE_COMPATIBILITY, VERIFY
 
-    from .request import BACKENDS, BF16_MIN_OPSET, DEFAULT_BUCKETS, DEFAULT_OPSET
+    from .request import BACKENDS, BF16_MIN_OPSET, DEFAULT_BUCKETS, DEFAULT_OPSET, MIN_OPSET
 
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="hybridstitch-export",
         description="Export a large/small SD3-family pair to engines: the full small transformer, the full large "
         "transformer with its KV cache, and one masked large transformer per mask-ratio bucket.",
@@ -61,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                     help="graph precision; bf16 is for --backend tensorrt only (default fp32)")
     ap.add_argument("--opset", type=int, default=None,
-                    help=f"ONNX opset, >= 18 (default {DEFAULT_OPSET}; {BF16_MIN_OPSET} for bf16)")
+                    help=f"ONNX opset, from {MIN_OPSET} to the newest the exporter writes and ONNX Runtime runs "
+                    f"(23 with torch 2.13) (default {DEFAULT_OPSET}; {BF16_MIN_OPSET} for bf16)")
     ap.add_argument("--fp32-blocks", nargs="+", default=None, metavar="auto|none|I",
                     help="large-model blocks kept in float32 in fp16/bf16 graphs (default auto: block 35 of SD3.5 "
                     "Large in fp16, as TensorRT's SD3.5 demo)")
@@ -78,8 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--encoders", choices=("gpu", "cpu", "none"), default="gpu",
                       help="where the text encoders and VAE will run, for the plan (default gpu)")
     ap.add_argument("--overwrite", action="store_true",
-                    help="rebuild a folder that holds engines of another configuration")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+                    help="replace a folder that holds engines of another configuration: the new set is built beside "
+                    "it and swapped in when complete (until then the old engines stay loadable)")
+    ap.add_argument("--wait", type=seconds, default=0.0, metavar="SECONDS",
+                    help="when another export is writing the same folder, wait up to this long for it (default 0: "
+                    "refuse at once)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars, no warnings from the ONNX exporter")
     trt = ap.add_argument_group("TensorRT (--backend tensorrt)")
     trt.add_argument("--compiler", choices=COMPILERS, default=None,
                      help="onnx: build from the ONNX graphs with Polygraphy (default); torch-tensorrt: compile the "
@@ -122,7 +146,10 @@ def _visible_gpu_gb() -> float | None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, its one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     try:
         from hybridstitch.engine.builds import TensorRTOptions
 
@@ -145,7 +172,7 @@ def main(argv=None) -> int:
             return _plan(req)
         if args.out is None:
             raise HybridStitchError("--out is required: the engine folder to write (or --plan to only plan)")
-        manifest = export_engines(req, args.out, progress=not args.quiet)
+        manifest = export_engines(req, args.out, progress=not args.quiet, quiet=args.quiet, wait=args.wait)
     except HybridStitchError as e:
         print(f"hybridstitch-export: error: {e}", file=sys.stderr)
         return 2

@@ -11,18 +11,52 @@ Transpose rewrite the exported graphs get.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 
 import torch
 
 from hybridstitch.denoiser import TransformerSpec
-from hybridstitch.engine.manifest import file_record
+from hybridstitch.engine.manifest import EXPORT_TMP_PREFIX, file_record
 from hybridstitch.errors import HybridStitchError
 
 
 STRIPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy")
+# What torch.onnx prints on every export that says nothing about the graphs being exported: a
+# line per torchvision op it skips (torchvision is not a dependency), a note that the batch axis
+# keeps its name, and a deprecation inside torch's own pytree code.
+EXPORTER_NOISE_LOGGER = "torch.onnx._internal.exporter._registration"
+EXPORTER_NOISE = ((UserWarning, r"# The axis name: .* will not be used"),
+                  (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"))
+# The exporter's libraries, silenced below ERROR with ``quiet``.
+EXPORTER_LOGGERS = ("torch.onnx", EXPORTER_NOISE_LOGGER, "torch.export", "onnxscript", "onnx_ir")
+
+
+@contextlib.contextmanager
+def exporter_messages(quiet: bool = False):
+    """Scope the exporter's output: its known noise (:data:`EXPORTER_NOISE`) is always dropped; with
+    ``quiet`` every warning and every log record below ERROR of its libraries too. Filters and
+    logger levels are restored on exit."""
+    names = EXPORTER_LOGGERS if quiet else (EXPORTER_NOISE_LOGGER,)
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        else:
+            for category, message in EXPORTER_NOISE:
+                warnings.filterwarnings("ignore", message=message, category=category)
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 class UpcastBlock(torch.nn.Module):
     """One transformer block run in float32 inside a lower-precision model.
@@ -132,6 +166,13 @@ class OnnxFromGraph:
                 output_names=self.output_names, verbose=False, optimize=True, dynamic_shapes=self.dynamic_shapes,
             )
         model = program.model
+        written = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+        if written != self.opset:
+            # torch.onnx logs a failed version conversion and keeps its own opset: refuse before any file
+            raise HybridStitchError(
+                f"the ONNX exporter wrote opset {written}, not the opset {self.opset} asked for (its version "
+                f"converter failed); nothing was saved. Export with --opset {written}"
+            )
         for node in model.graph.all_nodes():
             # the exporter's per-node debug records hold source paths and stack traces of this
             # machine: drop them (keep the module scope names, useful in profiles)
@@ -198,7 +239,7 @@ class FilesFromOnnx:
 
         onnx_name = f"{self.name}.onnx"
         data_name = f"{onnx_name}.data" if self.weight_bytes() > self.threshold else None
-        tmp = tempfile.mkdtemp(dir=self.folder, prefix=f".tmp-{self.name}-")
+        tmp = tempfile.mkdtemp(dir=self.folder, prefix=f"{EXPORT_TMP_PREFIX}{self.name}-")
         try:
             ir.save(self.model, os.path.join(tmp, onnx_name), external_data=data_name)
             names = [n for n in (data_name, onnx_name) if n]  # data first: the .onnx lands last
@@ -216,6 +257,7 @@ class FilesFromOnnx:
 
 __all__ = [
     "DenoiserFromCheckpoint",
+    "exporter_messages",
     "FilesFromOnnx",
     "OnnxFromGraph",
     "SD35_LARGE_FP32_BLOCKS",

@@ -6,6 +6,7 @@ Pure checks: nothing here loads a model or writes a file.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from hybridstitch.loading import read_json
 BACKENDS = ("onnxruntime", "tensorrt")
 DEFAULT_BUCKETS = (0.1, 0.2, 0.3, 0.4)
 DEFAULT_OPSET = 18
+# The dynamo exporter's lowest opset: asked for less, it silently writes 18.
+MIN_OPSET = 18
 # Conv, LayerNorm and friends take bfloat16 only from opset 22 on.
 BF16_MIN_OPSET = 22
 # SD3's text conditioning: 77 CLIP tokens + 256 T5 tokens (diffusers' max_sequence_length).
@@ -73,8 +76,7 @@ class ExportRequest:
                 raise HybridStitchError(f"bucket ratios must be in (0, 1], got {r} in {list(self.buckets)}")
         if len({round(r, 6) for r in self.buckets}) != len(self.buckets):
             raise HybridStitchError(f"bucket ratios {list(self.buckets)} are too close to tell apart (6 digits)")
-        if self.opset < 18:
-            raise HybridStitchError(f"opset must be >= 18 (the dynamo exporter's lowest), got {self.opset}")
+        check_opset(self.opset)
         if self.text_tokens is not None and self.text_tokens < 1:
             raise HybridStitchError(f"text_tokens must be >= 1, got {self.text_tokens}")
         if self.precision == "bf16":
@@ -110,6 +112,64 @@ class ExportRequest:
             )
 
 
+def _exporter_max_opset() -> int:
+    """The newest opset torch.onnx converts its graphs to (its own constant; 23 in torch 2.13).
+    Above it the exporter logs a failed conversion and writes its native opset instead."""
+    try:
+        from torch.onnx import _constants
+
+        return int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return 23
+
+
+def _onnxruntime_runs_opset(opset: int) -> bool:
+    """Whether this ONNX Runtime loads a model of ``opset`` (a one-node model, in memory)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "opset_probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              ir_version=min(10, onnx.IR_VERSION))
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime raises its own exception types
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def max_opset() -> tuple[int, str]:
+    """The newest opset an export can write AND ONNX Runtime can run (every export is checked
+    with it), and what sets that limit."""
+    import onnx
+    import onnxruntime
+
+    limit = min(_exporter_max_opset(), onnx.defs.onnx_opset_version())
+    why = f"torch {torch.__version__}'s ONNX exporter converts up to opset {_exporter_max_opset()}"
+    while limit > MIN_OPSET and not _onnxruntime_runs_opset(limit):
+        limit -= 1
+        why = f"onnxruntime {onnxruntime.__version__} runs up to opset {limit}"
+    return limit, why
+
+
+def check_opset(opset) -> int:
+    """``opset`` is one the exporter writes and ONNX Runtime runs: [18, :func:`max_opset`]."""
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise HybridStitchError(f"opset must be a whole number, got {opset!r}")
+    if opset < MIN_OPSET:
+        raise HybridStitchError(f"opset must be >= {MIN_OPSET} (the dynamo exporter's lowest), got {opset}")
+    top, why = max_opset()
+    if opset > top:
+        raise HybridStitchError(
+            f"opset {opset} is beyond what this export can write: {why}. Choose --opset {MIN_OPSET}..{top}"
+        )
+    return opset
+
+
 def vae_scale_factor_of(folder: str) -> int:
     """Pixels per latent cell of the large folder's VAE: SD3's 8, the testbed's 1, 8 without a VAE."""
     index_path = os.path.join(folder, "model_index.json")
@@ -141,6 +201,9 @@ __all__ = [
     "DEFAULT_OPSET",
     "DTYPES",
     "ExportRequest",
+    "MIN_OPSET",
+    "check_opset",
+    "max_opset",
     "ONNX_FLOAT",
     "SD3_TEXT_TOKENS",
     "scheduler_config_of",

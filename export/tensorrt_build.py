@@ -82,7 +82,7 @@ from hybridstitch.engine.builds import (
     shape_matches,
     timing_cache_path,
 )
-from hybridstitch.engine.manifest import BATCH, MASKED, file_record, sha256_json, utc_now
+from hybridstitch.engine.manifest import BATCH, EXPORT_TMP_PREFIX, MASKED, file_record, sha256_json, utc_now
 from hybridstitch.errors import HybridStitchError
 from hybridstitch.fileio import atomic_write_bytes
 
@@ -201,7 +201,7 @@ def match_engine_io(entry, tensors: list[EngineTensor], by_position: bool) -> di
 
 def _write_atomic(data: bytes, path: str) -> dict:
     """Write ``data`` to ``path`` atomically; returns its file record."""
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, prefix=EXPORT_TMP_PREFIX)
     record = file_record(path)
     del record["name"]
     return record
@@ -210,7 +210,7 @@ def _write_atomic(data: bytes, path: str) -> dict:
 def _link_or_copy(src: str, dst: str) -> None:
     """``dst`` becomes a hard link to ``src`` (a copy across file systems), atomically."""
     folder, name = os.path.split(dst)
-    tmp = os.path.join(folder, f".tmp-{name}")
+    tmp = os.path.join(folder, f"{EXPORT_TMP_PREFIX}{name}")
     if os.path.exists(tmp):
         os.unlink(tmp)
     try:
@@ -276,7 +276,7 @@ def build_engines(plan, out: str, loaders: dict, progress: bool = True,
     build_dir = os.path.join(out, build["dir"])
     os.makedirs(build_dir, exist_ok=True)
     for name in os.listdir(build_dir):  # temporary files of a build that was killed mid-write
-        if name.startswith(".tmp-"):
+        if name.startswith(EXPORT_TMP_PREFIX):
             os.unlink(os.path.join(build_dir, name))
     timing = build["timing_cache"] if os.path.isabs(build["timing_cache"]) else os.path.join(out, build["timing_cache"])
     os.makedirs(os.path.dirname(timing), exist_ok=True)
@@ -395,7 +395,7 @@ def build_profiles(manifest, name: str, compiler: str) -> list[EngineProfile]:
 
 def _build_from_onnx(toolchain, options, out, name, entry, timing, plugin: bool, profiles) -> bytes:
     src = os.path.join(out, entry.file)
-    prepared = os.path.join(out, f".tmp-trt-{name}.{options.attention}.onnx")  # beside its external data
+    prepared = os.path.join(out, f"{EXPORT_TMP_PREFIX}trt-{name}.{options.attention}.onnx")  # beside its external data
     try:
         TensorRTOnnxFromOnnx(src, prepared, options.attention)()
         return toolchain.engine_from_onnx(prepared, options, timing, plugin=plugin and bool(entry.custom_nodes),

@@ -118,7 +118,7 @@ class ParityFromOnnx:
 
 
 def polygraphy_profiles(shapes: list[dict[str, tuple]]) -> list:
-    """Polygraphy ``Profile``\ s from ``[{input: (min, opt, max)}]``. Every profile after the first
+    """Polygraphy ``Profile`` objects from ``[{input: (min, opt, max)}]``. Every profile after the first
     asks TensorRT for no extra weight memory (``extra_memory_target = 0``): one engine, one copy
     of the weights, whatever the number of buckets."""
     from polygraphy.backend.trt import Profile

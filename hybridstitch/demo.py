@@ -8,13 +8,10 @@ the masks over the steps (which tokens the large model refined, step by step) to
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import logging
 import os
 import time
-import warnings
 
 import torch
 
@@ -23,21 +20,6 @@ from .errors import HybridStitchError
 from .fileio import atomic_write_bytes, atomic_write_text
 
 DEMO_PROMPTS = ("a handwritten 0", "a handwritten 3", "a handwritten 5", "a handwritten 8")
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The ONNX exporter logs a warning per missing torchvision op on every export; the demo has no
-    use for them. Scoped: the logger's level is restored afterwards."""
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def testbed_image_size() -> int:
@@ -162,7 +144,9 @@ def check_engine_dir(engine_dir: str, req) -> None:
     if not os.path.isdir(engine_dir):
         raise HybridStitchError(f"{engine_dir} is a file where the demo keeps its engines; {fix}")
     if not os.path.isfile(os.path.join(engine_dir, "manifest.json")):
-        if any(not name.startswith(".tmp-") for name in os.listdir(engine_dir)):
+        from hybridstitch.export.folder import foreign_entries
+
+        if foreign_entries(engine_dir, with_manifest=False):  # an export stopped before its first graph
             raise HybridStitchError(f"{engine_dir} holds files but no engine manifest.json; {fix}")
         return
     try:
@@ -215,8 +199,7 @@ def run_demo(
     torch.set_num_threads(threads)
     os.makedirs(out_dir, exist_ok=True)
     if backend == "onnxruntime":
-        with _quiet_exporter():
-            export_engines(req, engine_dir, progress=progress)
+        export_engines(req, engine_dir, progress=progress, quiet=True)  # the exporter's warnings mean nothing here
         pipe = HybridStitchPipeline.from_engines(engine_dir, num_threads=threads)
     else:
         pipe = HybridStitchPipeline.from_pretrained(large=large_dir, small=small_dir)

@@ -9,12 +9,13 @@ import os
 import tempfile
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, prefix: str = ".tmp-") -> None:
+    """Write via a temp file in the same folder + rename, so readers never see half a file.
+    ``prefix``: the temp file's name starts with it (a writer that cleans up after itself marks its own)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -31,5 +32,5 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, prefix: str = ".tmp-") -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), prefix=prefix)

@@ -144,6 +144,39 @@ def test_calibrate_refuses_a_file_output_before_the_sweep(tmp_path, capsys):
     assert target.read_text() == "mine" and time.perf_counter() - t0 < 30
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
+    (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--seed", str(2**70)], "--seed must be an integer in [0, 18446744073709551615]"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
+    (["--ratios", "0.3,1.5"], "--ratios are mask ratios in (0, 1], got 0.3,1.5"),
+    (["--thresholds-1", ","], "--thresholds-1 needs at least one value"),
+    (["--max-accuracy-drop", "-0.1"], "--max-accuracy-drop must be >= 0"),
+])
+def test_calibrate_refuses_bad_numbers_before_the_sweep(tmp_path, capsys, argv, fragment):
+    """Before: ``--threads 0`` reached torch.set_num_threads and ended in a traceback."""
+    out = tmp_path / "calibration"
+    t0 = time.perf_counter()
+    assert main(["calibrate", "--out", str(out), *argv]) == 2
+    one_line_error(capsys, fragment)
+    assert not out.exists() and time.perf_counter() - t0 < 30
+
+
+def test_demo_runs_without_guidance_on_its_engines(tmp_path, capsys, testbed_engines):
+    """Before: the demo exported engines for the CFG batch, then refused the guidance-free batch and
+    advised a --batch flag it does not have. (The testbed engines are the demo's configuration; the
+    graphs take any batch.)"""
+    out = tmp_path / "demo"
+    shutil.copytree(testbed_engines, out / "engines")
+    graphs = {p.name: p.stat().st_mtime_ns for p in (out / "engines").glob("*.onnx*")}
+    assert main(["demo", "--out", str(out), "--guidance-scale", "1.0", "--steps", "2", "--no-progress"]) == 0
+    assert "CFG 1.0" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "engines").glob("*.onnx*")} == graphs  # reused, not rebuilt
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "onnxruntime" and set(summary["methods"]) == {"large", "small", "hybridstitch"}
+
+
 def test_api_demo_arguments_are_checked(tmp_path):
     from hybridstitch import HybridStitchError
     from hybridstitch.demo import run_demo

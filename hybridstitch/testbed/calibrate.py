@@ -336,10 +336,30 @@ class CalibrationSettings:
     out: str = DEFAULT_OUT
 
     def __post_init__(self) -> None:
-        if self.samples < 2:
+        from hybridstitch import checks
+
+        # Every setting is checked here, before the sweep's hour of work (argparse only parses numbers).
+        if checks.integer("--samples", self.samples) < 2:
             raise HybridStitchError(f"--samples must be >= 2 (FD needs two samples), got {self.samples}")
-        if self.latency_rounds < 1:
-            raise HybridStitchError(f"--latency-rounds must be >= 1, got {self.latency_rounds}")
+        checks.integer("--latency-rounds", self.latency_rounds, minimum=1)
+        checks.integer("--threads", self.threads, minimum=1)
+        checks.integer("--steps", self.steps, minimum=1)
+        checks.integer("--seed", self.seed, minimum=0, maximum=2**64 - 1)
+        if self.batch_size is not None:
+            checks.integer("--batch-size", self.batch_size, minimum=1)
+        checks.real("--guidance-scale", self.guidance_scale)
+        for name in ("max_accuracy_drop", "max_distance_fraction"):
+            if checks.real(f"--{name.replace('_', '-')}", getattr(self, name)) < 0:
+                raise HybridStitchError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("ratios", "thresholds_1", "thresholds_2", "srdiffusion"):
+            flag = f"--{name.replace('_', '-')}"
+            values = getattr(self, name)
+            if not values:
+                raise HybridStitchError(f"{flag} needs at least one value")
+            for v in values:
+                checks.real(flag, v)
+        if any(not 0 < r <= 1 for r in self.ratios):
+            raise HybridStitchError(f"--ratios are mask ratios in (0, 1], got {','.join(f'{r:g}' for r in self.ratios)}")
 
     @property
     def batch(self) -> int:

@@ -13,6 +13,7 @@ import torch
 
 from hybridstitch import HybridStitchError, HybridStitchPipeline, StitchConfig
 from hybridstitch.denoiser import MaskedDenoiser
+from hybridstitch.engine.manifest import sealed
 from hybridstitch.engine.onnxruntime_backend import load_engines, resolve_providers, session_options
 from hybridstitch.engine.torch_backend import TorchDenoiser
 from hybridstitch.loading import load_transformer
@@ -167,13 +168,14 @@ def test_text_tokens_mismatch_is_named(engines):
 # -- engine folders that must be refused, untouched -------------------------------------------------
 
 
-def _edit_manifest(folder, fn):
+def _edit_manifest(folder, fn, reseal=True):
+    """Edit the manifest as a writer would (``reseal``: with its checksum updated), or by hand."""
     path = os.path.join(folder, "manifest.json")
     with open(path) as f:
         raw = json.load(f)
     fn(raw)
     with open(path, "w") as f:
-        json.dump(raw, f)
+        json.dump(sealed(raw) if reseal else raw, f)
 
 
 def _truncate(folder):
@@ -199,6 +201,13 @@ def _corrupt(folder):
         (lambda d: _edit_manifest(d, lambda m: m.update(format="other")), "not a hybridstitch engine manifest"),
         (lambda d: _edit_manifest(d, lambda m: m.update(complete=False)), "did not finish"),
         (lambda d: _edit_manifest(d, lambda m: m["backend"].update(name="tensorrt")), "holds tensorrt engines"),
+        (lambda d: _edit_manifest(d, lambda m: m["scheduler"].update(shift=1.0), reseal=False), "changed after export"),
+        (lambda d: _edit_manifest(d, lambda m: m["graphs"]["large"].update(file="/tmp/x.onnx")),
+         r"graphs.large.file: Value error, must be a plain file name"),
+        (lambda d: _edit_manifest(d, lambda m: m["graphs"]["large"].update(files=[])),
+         r"graphs.large.files: List should have at least 1 item"),
+        (lambda d: _edit_manifest(d, lambda m: m["resolution"].pop("vae_scale_factor")),
+         r"resolution.vae_scale_factor: Field required"),
         (lambda d: os.unlink(os.path.join(d, "manifest.json")), "no manifest.json"),
         (lambda d: open(os.path.join(d, "manifest.json"), "w").write("{not json"), "could not read"),
     ],

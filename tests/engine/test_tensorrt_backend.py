@@ -21,7 +21,7 @@ from hybridstitch.denoiser import MaskedDenoiser
 from hybridstitch.engine import tensorrt_backend
 from hybridstitch.engine.tensorrt_backend import load_engines
 from hybridstitch.engine.builds import EngineTensor, TensorRTOptions
-from hybridstitch.engine.manifest import read_manifest
+from hybridstitch.engine.manifest import read_manifest, sealed
 from hybridstitch.export.onnx_steps import DenoiserFromCheckpoint
 from hybridstitch.export.tensorrt_build import build_engines
 from hybridstitch.masks import select_mask
@@ -212,7 +212,7 @@ def test_engine_built_from_an_earlier_graph_is_refused(trt_folder, tmp_path):
         raw = json.load(f)
     raw["graphs"]["small"]["files"][0]["sha256"] = "0" * 64  # the graph was re-exported, the engine was not
     with open(os.path.join(work, "manifest.json"), "w") as f:
-        json.dump(raw, f)
+        json.dump(sealed(raw), f)
     with pytest.raises(HybridStitchError, match="built from an earlier small graph; rerun hybridstitch-export"):
         load(work)
 
@@ -243,7 +243,7 @@ def test_a_folder_without_builds_says_how_to_build(trt_folder, tmp_path):
         raw = json.load(f)
     raw["tensorrt"] = None
     with open(os.path.join(work, "manifest.json"), "w") as f:
-        json.dump(raw, f)
+        json.dump(sealed(raw), f)
     with pytest.raises(HybridStitchError, match="no TensorRT engines.*hybridstitch-export --backend tensorrt"):
         load(work)
 

@@ -20,7 +20,7 @@ from hybridstitch.export import ExportRequest, export_engines, read_manifest
 from hybridstitch.export import driver, onnx_steps
 from hybridstitch.export.cli import main as cli_main
 from hybridstitch.export.graphs import FullGraph, FullLargeGraph, GraphShapes, MaskedLargeGraph, example_inputs
-from hybridstitch.engine.manifest import FORMAT_VERSION
+from hybridstitch.engine.manifest import FORMAT_VERSION, sealed
 from hybridstitch.loading import load_transformer
 from hybridstitch.plugins import OP_DOMAIN, OP_NAME, cached_kv_attention, cached_kv_attention_reference, export_mode
 from hybridstitch.plugins.onnx_op import attach_function, custom_translation_table
@@ -254,7 +254,7 @@ def test_interrupted_export_resumes_and_a_failure_keeps_earlier_engines(tiny_eng
     os.unlink(os.path.join(work, "large.onnx"))
     os.unlink(os.path.join(work, "large.onnx.data"))
     with open(os.path.join(work, "manifest.json"), "w") as f:
-        json.dump(raw, f)
+        json.dump(sealed(raw), f)
     before = snapshot(work)
 
     def boom(self):

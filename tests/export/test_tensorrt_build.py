@@ -212,11 +212,11 @@ def test_polygraphy_loader_chain():
 
     trt = SimpleNamespace(HardwareCompatibilityLevel=SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS"))
     opts = TensorRTOptions(builder_optimization_level=5, hardware_compatibility="ampere_plus")
-    loader = EngineBytesFromOnnx("/e/.tmp-trt-large.plugin.onnx", opts, "/e/timing.cache", aliased_plugin_io=True).loader(trt)
+    loader = EngineBytesFromOnnx("/e/.tmp-hybridstitch-export-trt-large.plugin.onnx", opts, "/e/timing.cache", aliased_plugin_io=True).loader(trt)
     assert isinstance(loader, EngineBytesFromNetwork) and loader.timing_cache_path == "/e/timing.cache"
     network = loader._network
     assert isinstance(network, NetworkFromOnnxPath) and network.strongly_typed
-    assert network.path == "/e/.tmp-trt-large.plugin.onnx"
+    assert network.path == "/e/.tmp-hybridstitch-export-trt-large.plugin.onnx"
     assert isinstance(loader._config, PostprocessConfig) and loader._config._func is _enable_aliased_plugin_io
     config = loader._config._config
     assert isinstance(config, CreateConfig) and not config.fp16 and not config.bf16  # types come from the graph
@@ -363,14 +363,14 @@ def test_tensorrt_export_writes_engines_and_manifest(fp16_export):
         assert m.tensorrt["verified"][name]["result"].startswith("onnxruntime (CPUExecutionProvider) vs torch")
     assert toolchain.plugin_targets == ["sm_89"]
     built = {b["file"]: b for b in toolchain.built}
-    assert sorted(built) == [".tmp-trt-large.plugin.onnx", ".tmp-trt-small.plugin.onnx"]
-    assert built[".tmp-trt-large.plugin.onnx"]["plugin"] and built[".tmp-trt-large.plugin.onnx"]["custom_nodes"] == 4
-    assert not built[".tmp-trt-small.plugin.onnx"]["plugin"]  # no attention node: no aliased-I/O preview feature
+    assert sorted(built) == [".tmp-hybridstitch-export-trt-large.plugin.onnx", ".tmp-hybridstitch-export-trt-small.plugin.onnx"]
+    assert built[".tmp-hybridstitch-export-trt-large.plugin.onnx"]["plugin"] and built[".tmp-hybridstitch-export-trt-large.plugin.onnx"]["custom_nodes"] == 4
+    assert not built[".tmp-hybridstitch-export-trt-small.plugin.onnx"]["plugin"]  # no attention node: no aliased-I/O preview feature
     # a static profile per batch (1, 2: up to the export's) and bucket (k = ceil(0.3 * 16) = 5), and k = N = 16
     # for the full step
     assert build["engines"]["large"]["profiles"] == [{"batch": b, "k": k} for b in (1, 2) for k in (5, 16)]
     assert build["engines"]["small"]["profiles"] == [{"batch": 1}, {"batch": 2}]
-    index_shapes = [p["index"] for p in built[".tmp-trt-large.plugin.onnx"]["profiles"]]
+    index_shapes = [p["index"] for p in built[".tmp-hybridstitch-export-trt-large.plugin.onnx"]["profiles"]]
     assert index_shapes == [([b, k], [b, k], [b, k]) for b in (1, 2) for k in (5, 16)]
     assert all(b["timing_cache"] == os.path.join(out, build["timing_cache"]) for b in built.values())
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # prepared graphs removed
@@ -408,7 +408,7 @@ def test_standard_attention_builds_beside_and_shares_the_full_engines(fp16_expor
     m = export_trt(tiny_dirs, work, toolchain, precision="fp16", fp32_blocks=(1,),
                    tensorrt=TensorRTOptions(builder_optimization_level=4, attention="standard"))
     assert [(b["file"], b["plugin"], b["custom_nodes"], b["functions"]) for b in toolchain.built] == [
-        (".tmp-trt-large.standard.onnx", False, 0, 0)]  # inlined; the small engine is shared
+        (".tmp-hybridstitch-export-trt-large.standard.onnx", False, 0, 0)]  # inlined; the small engine is shared
     builds = m.tensorrt["builds"]
     bids = [f"{ADA_TARGET}/trt{TRT_VERSION}/onnx-plugin", f"{ADA_TARGET}/trt{TRT_VERSION}/onnx-standard"]
     assert sorted(builds) == bids
@@ -436,7 +436,7 @@ def test_another_gpu_gets_its_own_build_and_a_damaged_engine_is_rebuilt_alone(fp
         f.write(b"junk")
     ada = FakeToolchain(ADA)
     export_trt(tiny_dirs, work, ada, precision="fp16", fp32_blocks=(1,), tensorrt=TensorRTOptions(builder_optimization_level=4))
-    assert [b["file"] for b in ada.built] == [".tmp-trt-large.plugin.onnx"]
+    assert [b["file"] for b in ada.built] == [".tmp-hybridstitch-export-trt-large.plugin.onnx"]
     assert check_engine_file(str(work), read_manifest(str(work)).tensorrt["builds"][ada_bid]["engines"]["large"]) is None
 
 
