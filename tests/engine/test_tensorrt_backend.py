@@ -252,7 +252,7 @@ def test_a_folder_without_builds_says_how_to_build(trt_folder, tmp_path):
 
 
 def _real_tensorrt():
-    pytest.importorskip("tensorrt", reason="TensorRT >= 10.8 is not installed (GPU machines only: pip install hybridstitch[gpu])")
+    pytest.importorskip("tensorrt", reason="TensorRT 10.9-11.x is not installed (GPU machines only: pip install hybridstitch[gpu])")
     pytest.importorskip("polygraphy", reason="Polygraphy is not installed (pip install polygraphy)")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

@@ -476,7 +476,7 @@ def _need(module: str, why: str):
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["plugin", "standard"])
 def test_real_build_on_gpu(tiny_dirs, tmp_path, attention):
-    _need("tensorrt", "TensorRT >= 10.8 is not installed (GPU machines only: pip install hybridstitch[gpu])")
+    _need("tensorrt", "TensorRT 10.9-11.x is not installed (GPU machines only: pip install hybridstitch[gpu])")
     pytest.importorskip("polygraphy", reason="Polygraphy is not installed (pip install polygraphy)")
     out = tmp_path / "trt"
     m = export_engines(ExportRequest(large=tiny_dirs[0], small=tiny_dirs[1], backend="tensorrt", precision="fp16",
