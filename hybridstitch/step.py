@@ -122,7 +122,8 @@ def _split(batch: torch.Tensor, samples: Sequence[Sample]) -> list[torch.Tensor]
 
 def plan(sample: Sample, large) -> None:
     """The stage (and, for a masked stage, the mask) of the sample's coming step."""
-    stage = sample.policy.stage_for_step(sample.step)
+    # the mask selector keeps the cache ages: a freshness option may run a masked step as a full large step
+    stage = sample.masks.plan(sample.policy.stage_for_step(sample.step), sample.step)
     sample.stage, sample.index = stage, None
     rec = StepRecord(step=sample.step, timestep=float(sample.timestep), sigma=float(sample.schedule.sigmas[sample.step]),
                      stage=stage.index, stage_kind=stage.kind, d=None, mask_ratio=stage.mask_ratio)
