@@ -252,3 +252,17 @@ PRESETS.update({
     "testbed-40-30": dict(mask_ratios=(0.4, 0.3), thresholds=(0.2, 0.045, 0.036)),
     "testbed-srdiffusion": dict(method="srdiffusion", mask_ratios=(), thresholds=(), srdiffusion_threshold=0.003),
 })
+
+# Cache freshness and per-sigma thresholds on the testbed (issue 16): testbed-30's thresholds with one
+# freshness option each, and testbed-30's 20-step switch points per unit of sigma (d_i / (sigma_{i-1} -
+# sigma_i): about 0.05 / 0.02 near step 4 and 0.045 / 0.1 near step 18, rounded). Measured in benchmarks/results/quality.md
+# and step_counts.md; the README says which the numbers support.
+PRESETS.update({
+    "testbed-30-refresh4": dict(mask_ratios=(0.3,), thresholds=(0.05, 0.045), refresh_every=4),
+    "testbed-30-refresh2": dict(mask_ratios=(0.3,), thresholds=(0.05, 0.045), refresh_every=2),
+    "testbed-30-refreshage": dict(mask_ratios=(0.3,), thresholds=(0.05, 0.045), refresh_age=3.0),
+    "testbed-30-share": dict(mask_ratios=(0.3,), thresholds=(0.05, 0.045), refresh_share=0.3),
+    "testbed-30-ageweight": dict(mask_ratios=(0.3,), thresholds=(0.05, 0.045), age_weight=0.1),
+    "testbed-30-sigma": dict(mask_ratios=(0.3,), thresholds=(2.5, 0.5), difference="sigma"),
+    "testbed-30-refresh4-sigma": dict(mask_ratios=(0.3,), thresholds=(2.5, 0.5), refresh_every=4, difference="sigma"),
+})
