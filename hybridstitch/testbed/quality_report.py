@@ -29,10 +29,12 @@ def _spread(values: list[float]) -> float:
 
 
 def refreshes_per_image(traces) -> float:
-    """Mean count of full large steps inside a masked stage (a freshness refresh) per image."""
+    """Mean count of full large steps inside a masked stage (a freshness refresh) per image. HybridStitch
+    only: T-Stitch's later stage is large by design, not a refresh."""
     if not traces:
         return 0.0
-    return sum(sum(1 for s in t.steps if s.stage > 1 and s.stage_kind == "large") for t in traces) / len(traces)
+    return sum(sum(1 for s in t.steps if s.stage > 1 and s.stage_kind == "large") for t in traces
+               if t.config.get("method", "hybridstitch") == "hybridstitch") / len(traces)
 
 
 def row_record(label: str, preset: str, table: str, acc: dict, large: dict, fd_pooled: float, config: dict,

@@ -48,11 +48,14 @@ def test_pareto_front_keeps_the_rows_nothing_beats_on_both_axes():
 def test_refreshes_count_full_large_steps_inside_a_masked_stage():
     def trace(kinds):
         steps = [StepRecord(step=i, timestep=0.0, sigma=0.0, stage=st, stage_kind=k, d=None) for i, (st, k) in enumerate(kinds)]
-        return Trace(config={}, num_steps=len(kinds), height=8, width=8, batch=1, backend="eager", steps=steps)
+        return Trace(config={"method": "hybridstitch"}, num_steps=len(kinds), height=8, width=8, batch=1, backend="eager", steps=steps)
 
     a = trace([(1, "large"), (1, "large"), (2, "masked"), (2, "large"), (2, "masked"), (2, "large"), (3, "small")])
     b = trace([(1, "large"), (2, "masked"), (3, "small")])
     assert refreshes_per_image([a, b]) == pytest.approx(1.0)
+    tstitch = trace([(1, "small"), (2, "large"), (2, "large")])
+    tstitch.config = {"method": "t-stitch"}
+    assert refreshes_per_image([tstitch]) == 0.0  # its large stage is no refresh
     assert refreshes_per_image([]) == 0.0
 
 
