@@ -93,6 +93,7 @@ class QualitySettings:
     threads: int = 1
     latency_rounds: int = 5
     out: str = DEFAULT_OUT  # output path without extension
+    note: str = ""  # why the run differs from the defaults (e.g. fewer samples on a loaded machine): JSON and table
 
     def __post_init__(self) -> None:
         if self.samples_per_seed < 2:
@@ -224,7 +225,7 @@ def summarize(settings: QualitySettings, rows, configs, acc, seeds, n, batch, la
     sizes = sorted({n} | {r["samples"] for r in records})
     return dict(
         date=datetime.date.today().isoformat(), machine=describe_machine(machine_info(settings.threads)), command=" ".join(sys.argv),
-        settings=dict(samples_per_seed=n, seeds=list(seeds), ablation_seeds=settings.ablation_seeds, batch_size=batch,
+        note=settings.note, settings=dict(samples_per_seed=n, seeds=list(seeds), ablation_seeds=settings.ablation_seeds, batch_size=batch,
                       steps=settings.steps, guidance_scale=settings.guidance_scale),
         fd_reference=f"all {ref.num_real} real digits (train + held-out), classifier features",
         per_call_seconds=lat.to_dict(), real_fd_floor=real_floors(ref, sizes, seeds), rows=records, hooks=hooks,
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--latency-rounds", type=int, default=5)
     p.add_argument("--out", default=DEFAULT_OUT, help="output path without extension (.json, .md, .png are written)")
+    p.add_argument("--note", default="", help="why this run differs from the defaults; kept in the JSON and the table")
     return p
 
 

@@ -90,6 +90,7 @@ def markdown(report: dict) -> str:
         f"standard deviation over seeds. Measured speed-up: large-only's wall time over the row's, seeds summed; "
         f"modelled: Eqs. 3-8 over per-call medians at batch {s['batch_size']} (t_l {lat['large'] * 1e3:.0f} ms, "
         f"t_s {lat['small'] * 1e3:.0f} ms, t_l(r) {masked or '-'}), none for rows with cache hooks.\n",
+        *([f"**Note:** {report['note']}\n"] if report.get("note") else []),
         "| table | method | preset | samples | FD (mean ± std) | FD pooled | accuracy | dist. to large | PSNR dB | "
         "ms/img | modelled ms/img | speed-up (modelled) | speed-up (measured) | switch steps | refreshes/img |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

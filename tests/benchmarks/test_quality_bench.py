@@ -49,7 +49,8 @@ def test_tiny_run_writes_json_markdown_and_plot(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--methods", "large,small,t-stitch,pab", "--samples-per-seed", "8", "--seeds", "0,1",
-         "--steps", "3", "--batch-size", "4", "--latency-rounds", "1", "--out", str(out)],
+         "--steps", "3", "--batch-size", "4", "--latency-rounds", "1", "--out", str(out),
+         "--note", "a tiny run"],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -65,7 +66,7 @@ def test_tiny_run_writes_json_markdown_and_plot(tmp_path):
     assert rows["pab"]["speedup_modelled"] is None and rows["pab"]["hooks"]  # no price for cached calls
     assert [p["seed"] for p in rows["small"]["per_seed"]] == [0, 1]
     assert report["front_measured"] and "large" in report["front_measured"]
-    assert set(report["real_fd_floor"]) == {"8", "16"}
+    assert set(report["real_fd_floor"]) == {"8", "16"} and report["note"] == "a tiny run"
     md = (tmp_path / "quality.md").read_text()
-    assert "| 1 | small | small | 16 |" in md and "Real-vs-real FD floor" in md and "Pareto front" in md
+    assert "| 1 | small | small | 16 |" in md and "Real-vs-real FD floor" in md and "Pareto front" in md and "**Note:** a tiny run" in md
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
