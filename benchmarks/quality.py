@@ -12,6 +12,7 @@ the table. Records, table and plot: :mod:`hybridstitch.testbed.quality_report`.
 
     python benchmarks/quality.py                       # writes benchmarks/results/quality.{json,md,png}
     python benchmarks/quality.py --methods large,small,testbed-30,pab --seeds 0 --samples-per-seed 100
+    python benchmarks/quality.py --render              # the table and plot again from quality.json
 """
 
 from __future__ import annotations
@@ -260,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-rounds", type=int, default=5)
     p.add_argument("--out", default=DEFAULT_OUT, help="output path without extension (.json, .md, .png are written)")
     p.add_argument("--note", default="", help="why this run differs from the defaults; kept in the JSON and the table")
+    p.add_argument("--render", action="store_true",
+                   help="measure nothing: rewrite OUT.md and OUT.png from OUT.json (after a change to the report's layout)")
     return p
 
 
@@ -270,6 +273,11 @@ def settings_from_args(args: argparse.Namespace) -> QualitySettings:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.render:
+        with open(args.out + ".json") as f:
+            write(json.load(f), args.out)
+        print(f"rewrote {args.out}.md and {args.out}.png from {args.out}.json")
+        return 0
     try:
         run(settings_from_args(args))
     except HybridStitchError as e:

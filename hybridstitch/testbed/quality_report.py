@@ -72,6 +72,35 @@ def pareto_front(rows: list[dict], x: str = "speedup_measured", y: str = "dist_t
     return sorted(front, key=order.get)
 
 
+# rows of the HybridStitch family (the method, its ablations, multi-mask, freshness, per-sigma, combination)
+HYBRID_FAMILY = ("1", "2", "3", "fresh", "sigma", "combo")
+
+
+def versus(rows: list[dict], baseline: str = "t-stitch") -> list[dict]:
+    """Each HybridStitch-family row against ``baseline``, paired by seed: the difference of the mean
+    distance to large, the seeds on which the row is closer to large and on which it is faster (its
+    wall time below the baseline's on the same seed and noise), and ``beats``: a lower mean distance
+    at an equal or higher measured speed-up."""
+    base = next((r for r in rows if r["method"] == baseline), None)
+    if base is None:
+        return []
+    b_seed = {p["seed"]: p for p in base["per_seed"]}
+    out = []
+    for r in rows:
+        if r["method"] == baseline or r["table"] not in HYBRID_FAMILY or r["preset"] in ("large", "small", "t-stitch") \
+                or r["preset"].endswith("srdiffusion"):
+            continue
+        shared = [p for p in r["per_seed"] if p["seed"] in b_seed]
+        out.append(dict(
+            method=r["method"], dist_delta=r["dist_to_large"] - base["dist_to_large"],
+            speedup_ratio=r["speedup_measured"] / base["speedup_measured"], seeds=len(shared),
+            seeds_closer=sum(p["feature_distance"] < b_seed[p["seed"]]["feature_distance"] for p in shared),
+            seeds_faster=sum(p["wall_seconds"] < b_seed[p["seed"]]["wall_seconds"] for p in shared),
+            beats=r["dist_to_large"] < base["dist_to_large"] and r["speedup_measured"] >= base["speedup_measured"],
+        ))
+    return out
+
+
 def _f(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -106,6 +135,17 @@ def markdown(report: dict) -> str:
     front = report.get("front_measured") or []
     lines.append(f"\nPareto front, distance to large vs measured speed-up: {', '.join(front) or '-'}.")
     lines.append(f"Pareto front, distance to large vs modelled speed-up: {', '.join(report.get('front_modelled') or []) or '-'}.")
+    vs = versus(report["rows"])
+    if vs:
+        lines.append("\nHybridStitch-family rows against T-Stitch, paired by seed (same noise): the difference of the mean "
+                     "distance to large (negative: closer), the measured speed-up over T-Stitch's, and on how many seeds "
+                     "the row is closer to large / faster than T-Stitch. *Beats*: closer at an equal or higher measured "
+                     "speed-up.\n")
+        lines.append("| method | Δ dist. to large | speed-up / T-Stitch's | seeds closer | seeds faster | beats T-Stitch |")
+        lines.append("|---|---|---|---|---|---|")
+        for v in vs:
+            lines.append(f"| {v['method']} | {v['dist_delta']:+.2f} | {v['speedup_ratio']:.2f}x | {v['seeds_closer']}/{v['seeds']} | "
+                         f"{v['seeds_faster']}/{v['seeds']} | {'yes' if v['beats'] else 'no'} |")
     if report.get("hooks"):
         lines.append("\nCache-hook rows (diffusers' hooks, `hybridstitch.cachehooks`):\n")
         lines += [f"- `{name}`: {text}" for name, text in report["hooks"].items()]
@@ -150,4 +190,4 @@ def plot(report: dict) -> bytes:
     return figure_png(fig)
 
 
-__all__ = ["FAMILIES", "markdown", "pareto_front", "plot", "refreshes_per_image", "row_record"]
+__all__ = ["FAMILIES", "HYBRID_FAMILY", "markdown", "pareto_front", "plot", "refreshes_per_image", "row_record", "versus"]

@@ -70,3 +70,7 @@ def test_tiny_run_writes_json_markdown_and_plot(tmp_path):
     md = (tmp_path / "quality.md").read_text()
     assert "| 1 | small | small | 16 |" in md and "Real-vs-real FD floor" in md and "Pareto front" in md and "**Note:** a tiny run" in md
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "quality.md").unlink()
+    rerun = subprocess.run([sys.executable, SCRIPT, "--render", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (tmp_path / "quality.md").read_text() == md  # the same table, from the JSON alone

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hybridstitch.testbed.quality_report import markdown, pareto_front, plot, refreshes_per_image, row_record
+from hybridstitch.testbed.quality_report import markdown, pareto_front, plot, refreshes_per_image, row_record, versus
 from hybridstitch.trace import StepRecord, Trace
 
 
@@ -74,3 +74,19 @@ def test_markdown_and_plot_show_every_row_and_the_front():
     assert "Pareto front, distance to large vs measured speed-up: large, pab, t-stitch." in md
     assert "| 10 | 90.0 ± 9.0 | 40.0 ± 4.0 |" in md
     assert plot(report)[:4] == b"\x89PNG"
+
+
+def test_versus_pairs_each_hybridstitch_row_with_tstitch_by_seed():
+    tstitch = _record("t-stitch", [_per_seed(0, 5.0, 5.0, 50.0, 6.0), _per_seed(1, 6.0, 6.0, 50.0, 6.0)])
+    rows = [_record("large", LARGE["per_seed"]), tstitch,
+            # closer on seed 0 only, but closer on average; faster on both seeds
+            _record("hs", [_per_seed(0, 4.0, 4.0, 50.0, 4.0), _per_seed(1, 5.0, 5.0, 50.0, 7.0)], table="fresh"),
+            # closer on both seeds, slower
+            _record("slow", [_per_seed(0, 9.0, 9.0, 50.0, 5.0), _per_seed(1, 9.0, 9.0, 50.0, 5.0)], table="1"),
+            _record("pab", [_per_seed(0, 1.0, 1.0, 50.0, 1.0)], hooks="large + PAB", table="hook")]  # not HybridStitch
+    vs = {v["method"]: v for v in versus(rows)}
+    assert set(vs) == {"hs", "slow"}
+    assert vs["hs"]["dist_delta"] == pytest.approx(-0.5) and vs["hs"]["seeds_closer"] == 1 and vs["hs"]["seeds_faster"] == 2
+    assert vs["hs"]["beats"] and vs["hs"]["speedup_ratio"] == pytest.approx(11.0 / 9.0)
+    assert vs["slow"]["seeds_closer"] == 2 and vs["slow"]["seeds_faster"] == 0 and not vs["slow"]["beats"]
+    assert versus([r for r in rows if r["method"] != "t-stitch"]) == []
