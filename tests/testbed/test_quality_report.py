@@ -89,4 +89,7 @@ def test_versus_pairs_each_hybridstitch_row_with_tstitch_by_seed():
     assert vs["hs"]["dist_delta"] == pytest.approx(-0.5) and vs["hs"]["seeds_closer"] == 1 and vs["hs"]["seeds_faster"] == 2
     assert vs["hs"]["beats"] and vs["hs"]["speedup_ratio"] == pytest.approx(11.0 / 9.0)
     assert vs["slow"]["seeds_closer"] == 2 and vs["slow"]["seeds_faster"] == 0 and not vs["slow"]["beats"]
+    # modelled: t-stitch 18/11, hs 18/9 (faster), slow 18/18 (slower)
+    assert vs["hs"]["modelled_ratio"] == pytest.approx(11.0 / 9.0) and vs["hs"]["beats_modelled"]
+    assert not vs["slow"]["beats_modelled"]
     assert versus([r for r in rows if r["method"] != "t-stitch"]) == []
