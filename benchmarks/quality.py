@@ -1,15 +1,18 @@
-"""The shape of the paper's Tables 1-3 and Figure 7 on the trained testbed: quality vs latency.
+"""The shape of the paper's Tables 1-3 and Figure 7 on the trained testbed: quality vs latency,
+with the cache-freshness variants, diffusers' cache hooks and their combination (issue 16).
 
 Every method samples the same prompts from the same noise per seed (digits 0-9 equally), so
 the distance to large-only is paired. Columns: FD against all 1,797 real digits in classifier
 features (mean +- std over seeds, and of all seeds' samples pooled), prompt accuracy, distance
-to large-only (mean L2 of paired classifier features, the LPIPS analogue, and PSNR), latency
-(measured wall time of the sampling, and the latency model Eqs. 3-8 over per-call medians
-measured at the start, interleaved), speed-ups over large-only, mean switch steps. The
-real-vs-real FD floor at the same sample sizes is reported beside the table.
+to large-only (mean L2 of paired classifier features, the LPIPS analogue, and PSNR, with their
+spread over seeds), latency (measured wall time of the sampling, and the latency model Eqs. 3-8
+over per-call medians measured at the start, interleaved), speed-ups over large-only, mean switch
+steps and refresh steps. The real-vs-real FD floor at the same sample sizes is reported beside
+the table. Records, table and plot: :mod:`hybridstitch.testbed.quality_report`.
 
     python benchmarks/quality.py                       # writes benchmarks/results/quality.{json,md,png}
-    python benchmarks/quality.py --methods large,small,testbed-30 --seeds 0 --samples-per-seed 100
+    python benchmarks/quality.py --methods large,small,testbed-30,pab --seeds 0 --samples-per-seed 100
+    python benchmarks/quality.py --render              # the table and plot again from quality.json
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from hybridstitch import cachehooks
 from hybridstitch.bench.machine import describe_machine, machine_info
-from hybridstitch.bench.report import figure_png, pyplot, write_report
+from hybridstitch.bench.report import write_report
 from hybridstitch.config import PRESETS, StitchConfig
 from hybridstitch.errors import HybridStitchError
 from hybridstitch.testbed.calibrate import (
@@ -41,8 +45,9 @@ from hybridstitch.testbed.calibrate import (
     modelled_seconds,
     sample,
 )
+from hybridstitch.testbed.quality_report import markdown, pareto_front, plot, refreshes_per_image, row_record
 
-# (row label, preset, the paper's table it mirrors)
+# (row label, preset or cached method, the paper's table it mirrors or the row's family: quality_report.FAMILIES)
 ROWS = (
     ("large", "large", "1"),
     ("small", "small", "1"),
@@ -58,6 +63,17 @@ ROWS = (
     ("hybridstitch-30-10", "testbed-30-10", "3"),
     ("hybridstitch-40-30", "testbed-40-30", "3"),
     ("hybridstitch-30 (paper thresholds)", "hybridstitch-30", "1"),
+    ("refresh-every-4", "testbed-30-refresh4", "fresh"),
+    ("refresh-every-2", "testbed-30-refresh2", "fresh"),
+    ("refresh-age-3", "testbed-30-refreshage", "fresh"),
+    ("refresh-share-30", "testbed-30-share", "fresh"),
+    ("age-weight-0.1", "testbed-30-ageweight", "fresh"),
+    ("hybridstitch-30 (per-sigma)", "testbed-30-sigma", "sigma"),
+    ("taylorseer", "taylorseer", "hook"),
+    ("taylorseer-blocks", "taylorseer-blocks", "hook"),
+    ("pab", "pab", "hook"),
+    ("fastercache", "fastercache", "hook"),
+    ("hybridstitch-10+taylorseer", "testbed-10+taylorseer", "combo"),
 )
 DEFAULT_OUT = os.path.join("benchmarks", "results", "quality")
 # Read by argparse; a constant, not the module docstring, so ``python -OO`` (no docstrings) works.
@@ -73,11 +89,12 @@ class QualitySettings:
     steps: int = 20
     guidance_scale: float = 1.25
     methods: str | None = None  # comma-separated row labels or presets (None: every row)
-    ablation_seeds: int | None = None  # Table 2-3 and paper-thresholds rows on the first N seeds (None: all)
+    ablation_seeds: int | None = None  # rows beyond Table 1's main comparison on the first N seeds (None: all)
     batch_size: int = 125  # prompts per pipeline call (CFG doubles it)
     threads: int = 1
     latency_rounds: int = 5
     out: str = DEFAULT_OUT  # output path without extension
+    note: str = ""  # why the run differs from the defaults (e.g. fewer samples on a loaded machine): JSON and table
 
     def __post_init__(self) -> None:
         if self.samples_per_seed < 2:
@@ -100,16 +117,26 @@ def resolve_methods(text: str | None) -> list[tuple[str, str, str]]:
         for name in (x.strip() for x in text.split(",") if x.strip()):
             if name in by_label or name in by_preset:  # row labels first: "hybridstitch-30" is testbed-30's row
                 rows.append(by_label.get(name) or by_preset[name])
-            elif name in PRESETS:
+            elif name in PRESETS or cachehooks.is_method(name):
                 rows.append((name, name, "-"))
             else:
                 raise HybridStitchError(f"unknown method {name!r}; use a row label ({', '.join(r[0] for r in ROWS)}) or a preset")
     rows = [r for r in rows if r[1] != "large"]
-    missing = [p for _, p, _ in rows if p not in PRESETS]
+    missing = [p for _, p, _ in rows if preset_of(p) not in PRESETS]
     if missing:
         raise HybridStitchError(f"preset(s) {', '.join(missing)} missing from hybridstitch.config.PRESETS; "
                                 "run `hybridstitch calibrate` and add the testbed presets first")
     return [ROWS[0]] + rows
+
+
+def preset_of(name: str) -> str:
+    """The preset a row runs: its own name, or a cached method's (``cachehooks``)."""
+    return name if name in PRESETS or not cachehooks.is_method(name) else cachehooks.method(name).preset
+
+
+def pipelines(pipe, rows) -> dict:
+    """The pipeline of each row: ``pipe``, or for a cached method ``pipe`` with diffusers' hooks attached."""
+    return {label: cachehooks.hooked_pipeline(pipe, preset) if preset not in PRESETS else pipe for label, preset, _ in rows}
 
 
 def real_floors(ref: QualityReference, sizes, seeds) -> dict:
@@ -140,14 +167,15 @@ def run(settings: QualitySettings) -> dict:
     batch = min(settings.batch_size, n)
     pipe = load_testbed_pipeline()
     ref = QualityReference()
-    configs = {label: StitchConfig.preset(preset) for label, preset, _ in rows}
+    configs = {label: StitchConfig.preset(preset_of(preset)) for label, preset, _ in rows}
+    pipes = pipelines(pipe, rows)
     ratios = sorted({r for c in configs.values() for r in c.mask_ratios})
     lat = measure_call_latencies(pipe, batch, ratios, settings.guidance_scale, rounds=settings.latency_rounds)
     print(f"quality: {len(rows)} rows x {len(seeds)} seeds x {n} samples, {settings.steps} steps, guidance "
           f"{settings.guidance_scale}, batch {batch}, {settings.threads} thread(s)\nper-call medians (s): {json.dumps(lat.to_dict())}",
           flush=True)
     labels = balanced_labels(n)
-    acc = {label: dict(per_seed=[], images=[], traces=[], wall=0.0, modelled=0.0) for label, _, _ in rows}
+    acc = {label: dict(per_seed=[], images=[], traces=[]) for label, _, _ in rows}
     report = None
     for k, seed in enumerate(seeds):
         noise = initial_noise(n, seed)
@@ -155,16 +183,15 @@ def run(settings: QualitySettings) -> dict:
         for label, preset, table in rows:  # every method of a seed in turn, so load drifts hit all alike
             if k >= settings.ablation_seeds and is_ablation(label, table):
                 continue
-            res = sample(pipe, configs[label], labels, noise, settings.steps, settings.guidance_scale, batch)
+            res = sample(pipes[label], configs[label], labels, noise, settings.steps, settings.guidance_scale, batch)
             if label == "large":
                 large_images, large_feats = res.images, ref.features(res.images)
             q = ref.evaluate(res.images, labels, large_images, large_feats)
             a = acc[label]
-            a["per_seed"].append(dict(seed=seed, wall_seconds=res.wall_seconds, **q))
+            a["per_seed"].append(dict(seed=seed, samples=n, wall_seconds=res.wall_seconds,
+                                      modelled_seconds=modelled_seconds(res.traces, lat, batch), **q))
             a["images"].append(res.images)
             a["traces"].extend(res.traces)
-            a["wall"] += res.wall_seconds
-            a["modelled"] += modelled_seconds(res.traces, lat, batch)
             print(f"  seed {seed} {label:<36} FD {q['fd']:7.1f} acc {q['accuracy']:.3f} dist {q['feature_distance']:5.2f} "
                   f"psnr {q['psnr']:5.1f} wall {res.wall_seconds:6.1f}s ({time.perf_counter() - t_start:.0f}s)", flush=True)
         # A report after every seed, so a run cut short still leaves its finished seeds.
@@ -183,100 +210,33 @@ def is_ablation(label: str, table: str) -> bool:
 def summarize(settings: QualitySettings, rows, configs, acc, seeds, n, batch, lat, ref, t_start) -> dict:
     from hybridstitch.testbed.quality import frechet_distance
 
-    results = {}
-    large_wall, large_model = acc["large"]["wall"] / len(acc["large"]["per_seed"]), acc["large"]["modelled"] / len(acc["large"]["per_seed"])
+    records, hooks = [], {}
     for label, preset, table in rows:
         a = acc[label]
-        ps = a["per_seed"]
-        if not ps:
+        if not a["per_seed"]:
             continue
-        total = n * len(ps)
-        fds = [p["fd"] for p in ps]
+        hooked = None if preset in PRESETS else cachehooks.method(preset).description
+        if hooked:
+            hooks[label] = hooked
         pooled = torch.cat(a["images"])
-        # Speed-ups per seed-run (ablation rows may have run on fewer seeds than large-only).
-        wall_per_seed, model_per_seed = a["wall"] / len(ps), a["modelled"] / len(ps)
-        results[label] = dict(
-            preset=preset, paper_table=table, config=configs[label].to_dict(), samples=total, seeds=[p["seed"] for p in ps],
-            fd_mean=statistics.mean(fds), fd_std=statistics.pstdev(fds) if len(fds) > 1 else 0.0,
-            fd_pooled=frechet_distance(ref.features(pooled), ref.real_features),
-            accuracy=statistics.mean(p["accuracy"] for p in ps),
-            feature_distance=statistics.mean(p["feature_distance"] for p in ps),
-            psnr=statistics.mean(p["psnr"] for p in ps),
-            wall_seconds=a["wall"], wall_ms_per_image=a["wall"] / total * 1e3,
-            modelled_seconds=a["modelled"], modelled_ms_per_image=a["modelled"] / total * 1e3,
-            speedup_modelled=large_model / model_per_seed, speedup_measured=large_wall / wall_per_seed,
-            mean_switch_steps=mean_switch_steps(a["traces"]), stage_counts=mean_stage_counts(a["traces"]),
-            per_seed=ps,
-        )
-    sizes = sorted({n} | {r["samples"] for r in results.values()})
+        records.append(row_record(
+            label, preset, table, a, acc["large"], frechet_distance(ref.features(pooled), ref.real_features),
+            configs[label].to_dict(), hooked, mean_switch_steps(a["traces"]), mean_stage_counts(a["traces"]),
+            refreshes_per_image(a["traces"])))
+    sizes = sorted({n} | {r["samples"] for r in records})
     return dict(
         date=datetime.date.today().isoformat(), machine=describe_machine(machine_info(settings.threads)), command=" ".join(sys.argv),
-        settings=dict(samples_per_seed=n, seeds=list(seeds), ablation_seeds=settings.ablation_seeds, batch_size=batch,
+        note=settings.note, settings=dict(samples_per_seed=n, seeds=list(seeds), ablation_seeds=settings.ablation_seeds, batch_size=batch,
                       steps=settings.steps, guidance_scale=settings.guidance_scale),
         fd_reference=f"all {ref.num_real} real digits (train + held-out), classifier features",
-        per_call_seconds=lat.to_dict(), real_fd_floor=real_floors(ref, sizes, seeds), methods=results,
+        per_call_seconds=lat.to_dict(), real_fd_floor=real_floors(ref, sizes, seeds), rows=records, hooks=hooks,
+        front_measured=pareto_front(records), front_modelled=pareto_front(records, x="speedup_modelled"),
         seconds=time.perf_counter() - t_start,
     )
 
 
 def write(report: dict, out: str) -> None:
     write_report(out, report, markdown(report), plot(report))
-
-
-def markdown(report: dict) -> str:
-    s = report["settings"]
-    lat = report["per_call_seconds"]
-    masked = ", ".join(f"{r}: {t * 1e3:.1f} ms" for r, t in lat["large_masked"].items())
-    lines = [
-        "# Quality vs latency on the testbed\n",
-        f"{report['date']}, {report['machine']}. {len(s['seeds'])} seed(s) x {s['samples_per_seed']} samples per row "
-        f"(digits 0-9 equally, the same noise for every method of a seed), {s['steps']} steps, guidance "
-        f"{s['guidance_scale']}, {s['batch_size']} prompts per call. FD vs {report['fd_reference']}; distance to large: "
-        f"mean L2 of paired classifier features against large-only from the same noise (the LPIPS analogue). "
-        f"Modelled latency: Eqs. 3-8 over per-call medians at batch {s['batch_size']} (t_l {lat['large'] * 1e3:.1f} ms, "
-        f"t_s {lat['small'] * 1e3:.1f} ms, t_l(r) {masked or '-'}); measured: wall time of the sampling on a shared machine.\n",
-        "| table | method | preset | samples | FD (mean ± std over seeds) | FD pooled | accuracy | dist. to large | PSNR dB | "
-        "wall s | ms/img | modelled ms/img | speed-up (modelled) | speed-up (measured) | mean switch steps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for label, r in report["methods"].items():
-        sw = ", ".join(f"{x:.1f}" for x in r["mean_switch_steps"]) or "-"
-        lines.append(
-            f"| {r['paper_table']} | {label} | {r['preset']} | {r['samples']} | {r['fd_mean']:.1f} ± {r['fd_std']:.1f} | {r['fd_pooled']:.1f} | "
-            f"{r['accuracy'] * 100:.1f} % | {r['feature_distance']:.2f} | {r['psnr']:.1f} | {r['wall_seconds']:.0f} | "
-            f"{r['wall_ms_per_image']:.1f} | {r['modelled_ms_per_image']:.1f} | {r['speedup_modelled']:.2f}x | "
-            f"{r['speedup_measured']:.2f}x | {sw} |"
-        )
-    lines.append("\nReal-vs-real FD floor (mean ± std over the seeds):\n")
-    lines.append("| n | two disjoint sets of n real digits | n real digits vs all 1,797 (the rows' reference) |")
-    lines.append("|---|---|---|")
-    for n, f in report["real_fd_floor"].items():
-        lines.append(f"| {n} | {f['disjoint_mean']:.1f} ± {f['disjoint_std']:.1f} | {f['vs_reference_mean']:.1f} ± {f['vs_reference_std']:.1f} |")
-    lines.append(f"\nTotal {report['seconds']:.0f} s.\n")
-    return "\n".join(lines)
-
-
-def plot(report: dict) -> bytes:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
-    table_colour = {"1": "tab:blue", "2": "tab:red", "3": "tab:green", "-": "tab:gray"}
-    for ax, key, ylabel in ((axes[0], "fd_pooled", "FD (pooled) vs real digits"),
-                            (axes[1], "feature_distance", "distance to large-only (features)")):
-        for label, r in report["methods"].items():
-            c = "k" if label in ("large", "small") else table_colour.get(r["paper_table"], "tab:gray")
-            ax.scatter(r["speedup_modelled"], r[key], color=c, s=22, zorder=3)
-            ax.annotate(label, (r["speedup_modelled"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("speed-up over large-only (latency model)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    floor = report["real_fd_floor"].get(str(report["methods"]["large"]["samples"]))
-    if floor:
-        axes[0].axhline(floor["disjoint_mean"], color="gray", ls=":", lw=1, label="real vs real, two disjoint sets")
-        axes[0].axhline(floor["vs_reference_mean"], color="gray", ls="--", lw=1, label="real subset vs the reference")
-        axes[0].legend(fontsize=7)
-    fig.suptitle("testbed: quality vs speed-up (blue: Table 1, red: Table 2, green: Table 3)", fontsize=9)
-    fig.tight_layout()
-    return figure_png(fig)
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -292,13 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seeds, default=(0, 1, 2, 3), help="comma-separated noise seeds")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=1.25)
-    p.add_argument("--methods", default=None, help="comma-separated row labels or presets (default: every row)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated row labels, presets or cached methods (hybridstitch.cachehooks; default: every row)")
     p.add_argument("--ablation-seeds", type=int, default=None,
-                   help="run the Table 2-3 and paper-thresholds rows on the first N seeds only (default: all)")
+                   help="run the Table 2-3 and paper-thresholds rows on the first N seeds only (default: all seeds)")
     p.add_argument("--batch-size", type=int, default=125, help="prompts per pipeline call (CFG doubles it)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--latency-rounds", type=int, default=5)
     p.add_argument("--out", default=DEFAULT_OUT, help="output path without extension (.json, .md, .png are written)")
+    p.add_argument("--note", default="", help="why this run differs from the defaults; kept in the JSON and the table")
+    p.add_argument("--render", action="store_true",
+                   help="measure nothing: rewrite OUT.md and OUT.png from OUT.json (after a change to the report's layout)")
     return p
 
 
@@ -309,6 +273,11 @@ def settings_from_args(args: argparse.Namespace) -> QualitySettings:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.render:
+        with open(args.out + ".json") as f:
+            write(json.load(f), args.out)
+        print(f"rewrote {args.out}.md and {args.out}.png from {args.out}.json")
+        return 0
     try:
         run(settings_from_args(args))
     except HybridStitchError as e:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from .config import StitchConfig
+from .errors import HybridStitchError
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,11 @@ def tstitch_first_large_step(num_steps: int, small_fraction: float) -> int:
 class StagePolicy:
     """Stage transitions for one request (DESIGN.md section 2)."""
 
-    def __init__(self, config: StitchConfig, num_steps: int):
+    def __init__(self, config: StitchConfig, num_steps: int, sigmas=None):
         self.config = config
         self.num_steps = num_steps
+        # difference="sigma": d_i is compared per unit of sigma, so the schedule's sigmas are needed
+        self._sigmas = None if sigmas is None else [float(s) for s in sigmas]
         self._stages = self._build_stages(config)
         self._pos = 0  # index into self._stages
         self._prev_e: float | None = None  # SRDiffusion: tanh(d_{i-1})
@@ -106,8 +109,20 @@ class StagePolicy:
             self._prev_e = e
             return
         # HybridStitch: leave stage j (1-based) when d falls below tau_j; one stage per step.
+        d = self.normalized(step, d)
         if self._pos < len(self._stages) - 1 and d < self.config.thresholds[self._pos]:
             self._advance(step + 1)
+
+    def normalized(self, step: int, d: float) -> float:
+        """``d_i`` as the thresholds read it: as is (``difference="step"``), or per unit of sigma,
+        ``d_i / (sigma_{i-1} - sigma_i)`` (``"sigma"``), the sigma interval the two x0 estimates span."""
+        if self.config.difference != "sigma":
+            return d
+        if self._sigmas is None or len(self._sigmas) <= step:
+            raise HybridStitchError("difference='sigma' needs the schedule's sigmas (one per step and the final 0): "
+                                    "make the policy with StagePolicy(config, num_steps, sigmas)")
+        span = self._sigmas[step - 1] - self._sigmas[step]
+        return d / span if span > 0 else math.inf
 
     def _advance(self, first_step: int) -> None:
         self._pos += 1

@@ -105,10 +105,10 @@ def new_sample(id: int, latents: torch.Tensor, prompt_embeds: torch.Tensor, pool
     """A sample at step 0. ``prompt_embeds`` / ``pooled``: its rows ([unconditional, conditional]
     when ``guidance_scale > 1``). ``replay``: a fixed stage per step instead of the stage policy."""
     steps = len(schedule.timesteps)
-    policy = StagePolicy(config, steps) if replay is None else ReplayPolicy(config, replay)
+    policy = StagePolicy(config, steps, schedule.sigmas) if replay is None else ReplayPolicy(config, replay)
     _, _, h, w = latents.shape
     return Sample(id=id, latents=latents, prompt_embeds=prompt_embeds, pooled=pooled, guidance_scale=guidance_scale,
-                  config=config, schedule=schedule, policy=policy, masks=MaskSelector(config.mask_mode, patch),
+                  config=config, schedule=schedule, policy=policy, masks=MaskSelector.for_config(config, patch),
                   trace=trace, num_tokens=(h // patch) * (w // patch), record_masks=record_masks, owner=owner)
 
 

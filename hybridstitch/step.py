@@ -123,9 +123,18 @@ def _split(batch: torch.Tensor, samples: Sequence[Sample]) -> list[torch.Tensor]
     return list(torch.split(batch, [s.rows for s in samples]))
 
 
+def _small_call(small, members: Sequence[Sample], dtype: torch.dtype) -> torch.Tensor:
+    """The small model on ``members``; a denoiser that keeps per-image state (a cache hook bound to a stage,
+    :mod:`hybridstitch.cachehooks`) is also told which images the rows are."""
+    if hasattr(small, "forward_samples"):
+        return small.forward_samples(members, *_inputs(members, dtype))
+    return small.forward(*_inputs(members, dtype))
+
+
 def plan(sample: Sample, large) -> None:
     """The stage (and, for a masked stage, the mask) of the sample's coming step."""
-    stage = sample.policy.stage_for_step(sample.step)
+    # the mask selector keeps the cache ages: a freshness option may run a masked step as a full large step
+    stage = sample.masks.plan(sample.policy.stage_for_step(sample.step), sample.step)
     sample.stage, sample.index = stage, None
     rec = StepRecord(step=sample.step, timestep=sample.schedule.timestep_values[sample.step],
                      sigma=sample.schedule.sigma_values[sample.step],
@@ -206,7 +215,7 @@ def _step(samples: Sequence[Sample], large, small, dtype: torch.dtype, device: t
     smalls = [s for s in samples if s.stage.kind in ("masked", "small")]
 
     def run_small():
-        return _run(timer, "small", small, smalls, lambda ms: small.forward(*_inputs(ms, dtype))) if smalls else []
+        return _run(timer, "small", small, smalls, lambda ms: _small_call(small, ms, dtype)) if smalls else []
 
     small_results = pool.submit(run_small) if pool is not None else None
 

@@ -42,9 +42,11 @@ class WorkloadSettings:
     tensorrt_precision: str = "fp16"  # TensorRT engines; ONNX Runtime engines stay fp32 like the eager baseline
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in PRESETS]
+        unknown = [m for m in self.methods if m not in PRESETS and not is_cached(m)]
         if unknown:
-            raise HybridStitchError(f"unknown method(s) {', '.join(unknown)}; choose preset names from {', '.join(PRESETS)}")
+            raise HybridStitchError(f"unknown method(s) {', '.join(unknown)}; choose preset names from {', '.join(PRESETS)}, "
+                                    "or cached methods (hybridstitch.cachehooks: taylorseer, pab, fastercache, "
+                                    "<preset>+taylorseer)")
         if not self.methods:
             raise HybridStitchError("no methods to measure; pass --methods with at least one preset (e.g. large)")
         if self.threads < 1:
@@ -59,9 +61,25 @@ class WorkloadSettings:
 
 
 
+def is_cached(name: str) -> bool:
+    """``name`` is a method with diffusers' cache hooks (:mod:`hybridstitch.cachehooks`), not a preset."""
+    from hybridstitch import cachehooks
+
+    return name not in PRESETS and cachehooks.is_method(name)
+
+
+def method_config(name: str) -> StitchConfig:
+    """A method's config: its preset, or a cached method's preset under the method's own name."""
+    if name in PRESETS:
+        return StitchConfig.preset(name)
+    from hybridstitch import cachehooks
+
+    return StitchConfig.preset(cachehooks.method(name).preset).replace(name=name)
+
+
 def engine_buckets(methods) -> list[float]:
     """The mask-ratio buckets ``methods`` use (engines are exported for these; 0.3 when none do)."""
-    return sorted({ratio_key(r) for m in methods for r in StitchConfig.preset(m).mask_ratios}) or [0.3]
+    return sorted({ratio_key(r) for m in methods if not is_cached(m) for r in StitchConfig.preset(m).mask_ratios}) or [0.3]
 
 
 def check_compile() -> None:

@@ -34,7 +34,8 @@ from hybridstitch.latency_model import (
     predict_from_trace,
 )
 
-from .backends import BACKENDS, DEFAULT_ENGINE_CACHE, TENSORRT_PRECISIONS, BackendUnavailable, WorkloadSettings
+from .backends import (BACKENDS, DEFAULT_ENGINE_CACHE, TENSORRT_PRECISIONS, BackendUnavailable, WorkloadSettings, is_cached,
+                       method_config)
 from .synthetic import REAL_LAYERS, SyntheticSettings
 from .testbed import TestbedSettings
 from .timer import InterleavedTimer, WarmupBudgetExceeded, summary
@@ -150,7 +151,8 @@ def measure_workload(workload, backends, reps: int, compile_budget_s: float, pro
     """
     results: dict[str, BackendResult] = {}
     timer = InterleavedTimer(reps, warmup=1, drop_failures=True, progress=workload.name if progress else None)
-    configs = [StitchConfig.preset(m) for m in workload.methods]
+    configs = [method_config(m) for m in workload.methods]
+    supports = getattr(workload, "supports", lambda backend, name: True)
     for b in backends:
         results[b] = BackendResult()
         try:
@@ -161,7 +163,7 @@ def measure_workload(workload, backends, reps: int, compile_budget_s: float, pro
         except Exception as e:  # a backend that fails to build is reported, not fatal
             results[b].fail(f"could not build: {_error_line(e)}")
             continue
-        for c in configs:
+        for c in (c for c in configs if supports(b, c.name)):  # cached methods: eager only
             timer.add((b, c.name), lambda r=runner, c=c: r(c, False), warmup_fn=lambda r=runner, c=c: r(c, True),
                       seconds_of=lambda trace: trace.total_seconds, group=b)
         if b == "compile":
@@ -184,7 +186,8 @@ def summarize_backend(result: BackendResult) -> dict:
     """Medians, speed-ups over large-only, per-call latencies, the latency model and the bound."""
     if result.status != "ok":
         return {"status": result.status, "reason": result.reason}
-    all_traces = [t for ts in result.traces.values() for t in ts]
+    # cached methods' calls are partly predicted, not run: they would bias the per-call latencies
+    all_traces = [t for name, ts in result.traces.items() if not is_cached(name) for t in ts]
     samples = per_call_samples(all_traces, by="bucket")
     per_call = {
         "large": summary(samples["large"]) if samples["large"] else None,
@@ -218,6 +221,10 @@ def summarize_backend(result: BackendResult) -> dict:
             "outside_seconds": statistics.median(r.outside_seconds for r in runs),
             "model_seconds": statistics.median(r.model_seconds for r in runs),
         }
+        if is_cached(name):
+            entry["model"], entry["model_error"] = None, "the latency model has no price for a cached (predicted) call"
+            methods[name] = entry
+            continue
         try:
             pred = predict_from_trace(result.traces[name][0], lat, by="bucket")
             entry["model"] = pred.to_dict()
@@ -248,10 +255,10 @@ def add_eager_speedups(backends: dict) -> None:
 # -- the command ------------------------------------------------------------------------------------------
 
 
-def _csv(choices):
+def _csv(choices, also=lambda x: False):
     def parse(text: str) -> list[str]:
         items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if choices is not None and x not in choices]
+        bad = [x for x in items if choices is not None and x not in choices and not also(x)]
         if bad:
             raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(choices)}")
         return items
@@ -266,7 +273,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="testbed backends, comma list of eager,compile,onnxruntime,tensorrt")
     p.add_argument("--synthetic-backends", type=_csv(BACKENDS), default=["eager", "tensorrt"],
                    help="synthetic backends (torch.compile / ONNX export of the 38-layer model take minutes on CPU)")
-    p.add_argument("--methods", type=_csv(list(PRESETS)), default=list(DEFAULT_METHODS), help="comma list of preset names")
+    p.add_argument("--methods", type=_csv(list(PRESETS), is_cached), default=list(DEFAULT_METHODS),
+                   help="comma list of preset names, or cached methods (eager only: taylorseer, pab, fastercache, "
+                        "<preset>+taylorseer)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per method (interleaved)")
     p.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads")
     p.add_argument("--seed", type=int, default=0)

@@ -23,6 +23,7 @@ from .backends import (
     compiled_denoiser,
     engine_folder,
     engine_pipeline,
+    is_cached,
 )
 from .replay import ReplaySwitches, replay_denoise, replay_stages
 
@@ -147,7 +148,8 @@ class SyntheticWorkload:
 
         self.settings, self.common = settings, common
         self.shape = synthetic_shapes(settings.scale, tuple(settings.layers), tuple(settings.heads))
-        self.methods = list(common.methods)
+        # cached methods (diffusers' hooks) need the testbed's trained pair and its own switching: not replayed here
+        self.methods = [m for m in common.methods if not is_cached(m)]
         self.steps = settings.steps
         self.switches = settings.switches()
         self.schedules = {m: replay_stages(StitchConfig.preset(m), self.steps, self.switches) for m in self.methods}

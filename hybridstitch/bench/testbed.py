@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from hybridstitch.config import PRESETS, StitchConfig
 from hybridstitch.errors import HybridStitchError
 
-from .backends import BackendUnavailable, Runner, WorkloadSettings, check_compile, compiled_denoiser, engine_folder, engine_pipeline
+from .backends import (BackendUnavailable, Runner, WorkloadSettings, check_compile, compiled_denoiser, engine_folder,
+                       engine_pipeline, is_cached)
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,13 @@ class TestbedSettings:
 
 
 def testbed_preset(name: str) -> str:
-    """A calibrated ``testbed-*`` preset stands in for ``hybridstitch-*`` on the testbed when it exists."""
-    if name.startswith("hybridstitch-"):
-        alt = "testbed-" + name[len("hybridstitch-"):]
+    """A calibrated ``testbed-*`` preset stands in for ``hybridstitch-*`` on the testbed when it exists
+    (``hybridstitch-10+taylorseer`` -> ``testbed-10+taylorseer`` too)."""
+    base, plus, hook = name.partition("+")
+    if base.startswith("hybridstitch-"):
+        alt = "testbed-" + base[len("hybridstitch-"):]
         if alt in PRESETS:
-            return alt
+            return alt + plus + hook
     return name
 
 
@@ -122,7 +125,23 @@ class TestbedWorkload:
             )
         else:
             raise BackendUnavailable(f"unknown backend {backend!r}")
-        return lambda config, warmup: self._run(pipe, config)
+        hooked: dict = {}  # cached methods (eager only): the pipeline with diffusers' hooks, made once
+
+        def pipe_for(config):
+            if not is_cached(config.name):
+                return pipe
+            if config.name not in hooked:
+                from hybridstitch.cachehooks import hooked_pipeline
+
+                hooked[config.name] = hooked_pipeline(pipe, config.name)
+            return hooked[config.name]
+
+        return lambda config, warmup: self._run(pipe_for(config), config)
+
+    @staticmethod
+    def supports(backend: str, name: str) -> bool:
+        """Cached methods hook diffusers modules: the eager backend only."""
+        return backend == "eager" or not is_cached(name)
 
     def _run(self, pipe, config: StitchConfig):
         import torch

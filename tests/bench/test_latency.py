@@ -290,3 +290,22 @@ def test_tensorrt_column_on_gpu(tiny_dirs, tmp_path):
     assert main(_trt_args(tiny_dirs, tmp_path, "trt")) == 0
     trt = json.loads((tmp_path / "trt.json").read_text())["workloads"]["testbed"]["backends"]["tensorrt"]
     assert trt["status"] == "ok", trt.get("reason")
+
+
+def test_cached_methods_run_on_eager_only_and_stay_out_of_the_latency_model(tiny_dirs, tmp_path):
+    """diffusers' cache hooks (hybridstitch.cachehooks) as latency methods: measured on eager torch, no model
+    price (their cached calls are not run), kept out of the per-call latencies, skipped by the replayed workload."""
+    out = tmp_path / "results"
+    rc = main([
+        "--testbed-large", tiny_dirs[0], "--testbed-small", tiny_dirs[1], "--testbed-size", "64", "--testbed-steps", "6",
+        "--synthetic-scale", "64", "--synthetic-layers", "2", "1", "--synthetic-steps", "6", "--switch-steps", "2", "4",
+        "--backends", "eager", "--synthetic-backends", "eager", "--reps", "1", "--out-dir", str(out), "--name", "cached",
+        "--no-progress", "--no-plot", "--methods", "large,pab,taylorseer,hybridstitch-30+taylorseer",
+    ])
+    assert rc == 0
+    report = json.loads((out / "cached.json").read_text())
+    eager = report["workloads"]["testbed"]["backends"]["eager"]
+    assert set(eager["methods"]) == {"large", "pab", "taylorseer", "hybridstitch-30+taylorseer"}
+    assert eager["methods"]["pab"]["model"] is None and "no price" in eager["methods"]["pab"]["model_error"]
+    assert eager["methods"]["pab"]["speedup"] > 0 and eager["methods"]["large"]["model"]["total_seconds"] > 0
+    assert report["workloads"]["synthetic"]["methods"] == ["large"]
