@@ -1,6 +1,5 @@
 """``benchmarks/quality.py``: the Tables 1-3 benchmark on a tiny configuration."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,23 +8,14 @@ import sys
 import pytest
 
 from hybridstitch.errors import HybridStitchError
-from hybridstitch.testbed import LARGE_DIR
+from tests.benchmarks.scripts import load_script as load_bench
+from tests.benchmarks.scripts import needs_weights, script_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "benchmarks", "quality.py")
-
-needs_weights = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(LARGE_DIR, "transformer", "config.json")),
-    reason="testbed weights not trained (python -m hybridstitch.testbed.train)",
-)
+SCRIPT = script_path("quality")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("quality_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # importlib's recipe for a source file: dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("quality")
 
 
 def test_resolve_methods_puts_large_first_and_refuses_unknown_names():

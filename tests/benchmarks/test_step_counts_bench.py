@@ -1,6 +1,5 @@
 """``benchmarks/step_counts.py``: switch steps across step counts, on a tiny configuration."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,24 +7,15 @@ import sys
 
 import pytest
 
-from hybridstitch.testbed import LARGE_DIR
 from hybridstitch.trace import Trace
+from tests.benchmarks.scripts import load_script as load_bench
+from tests.benchmarks.scripts import needs_weights, script_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "benchmarks", "step_counts.py")
-
-needs_weights = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(LARGE_DIR, "transformer", "config.json")),
-    reason="testbed weights not trained (python -m hybridstitch.testbed.train)",
-)
+SCRIPT = script_path("step_counts")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("step_counts_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("step_counts")
 
 
 def test_switch_stats_counts_a_run_that_never_switched_as_switching_at_the_end():

@@ -15,17 +15,8 @@ from hybridstitch.engine import integrity
 from hybridstitch.engine.integrity import STAMP_NAME
 from hybridstitch.engine.manifest import FORMAT_VERSION, read_manifest, sealed
 from hybridstitch.engine.onnxruntime_backend import load_engines
+from tests.engine.test_onnxruntime_backend import _edit_manifest as edit  # reseal=True: as a writer would
 from tests.engine.test_onnxruntime_backend import snapshot
-
-
-def edit(folder, fn, reseal=True):
-    """Edit ``folder``'s manifest: ``reseal`` as a writer would (checksum updated), else by hand."""
-    path = os.path.join(folder, "manifest.json")
-    with open(path) as f:
-        raw = json.load(f)
-    fn(raw)
-    with open(path, "w") as f:
-        json.dump(sealed(raw) if reseal else raw, f)
 
 
 @pytest.fixture
