@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import checks
 from .errors import HybridStitchError
 from .pipeline import HybridStitchOutput, HybridStitchPipeline, PreparedCall
 
@@ -54,10 +55,7 @@ class StepScheduler:
     """Step-level batching over one pipeline (see the module docstring)."""
 
     def __init__(self, pipe: HybridStitchPipeline, max_samples: int = 8, max_queue: int = 64):
-        if not isinstance(max_samples, int) or max_samples < 1:
-            raise HybridStitchError(f"max_samples must be a positive integer, got {max_samples!r}")
-        if not isinstance(max_queue, int) or max_queue < 1:
-            raise HybridStitchError(f"max_queue must be a positive integer, got {max_queue!r}")
+        max_samples, max_queue = checks.integer("max_samples", max_samples, 1), checks.integer("max_queue", max_queue, 1)
         self.pipe, self.max_samples, self.max_queue = pipe, max_samples, max_queue
         self.stats = SchedulerStats()
         self._queue: deque[_Request] = deque()
@@ -125,9 +123,10 @@ class StepScheduler:
         with self._lock:
             while self._queue and not self._closed:
                 samples = self._queue[0].call.samples
-                if self._running and (self.in_flight + len(samples) > self.max_samples or not self._fits(
-                        sum(s.rows for r in self._running for s in r.call.samples) + sum(s.rows for s in samples))):
-                    break
+                if self._running:  # a request alone always runs: its batch was checked at submit
+                    rows = sum(s.rows for r in self._running for s in r.call.samples) + sum(s.rows for s in samples)
+                    if self.in_flight + len(samples) > self.max_samples or not self._fits(rows):
+                        break
                 request = self._queue.popleft()
                 if request.future.set_running_or_notify_cancel():
                     request.admitted = True

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .. import checks
 from ..config import StitchConfig
 from ..errors import HybridStitchError
 from ..pipeline import DEFAULT_PRESET
@@ -78,6 +79,19 @@ def open_runner(pipe, max_queue: int) -> RequestRunner:
     return RUNNER(pipe, max_samples=max_queue, max_queue=max_queue)
 
 
+def check_submit(request, closed: bool, waiting: int, max_queue: int) -> None:
+    """The refusals both runners give at ``submit``: not a request, closed, or full."""
+    if not isinstance(request, GenerationRequest):
+        raise HybridStitchError(f"submit takes a GenerationRequest, got {type(request).__name__}")
+    if closed:
+        raise HybridStitchError("the runner is closed (the server is shutting down); send the request again later")
+    if waiting >= max_queue:
+        raise HybridStitchError(
+            f"the server is busy: {max_queue} requests are already waiting; retry later, or start the "
+            "server with a larger --max-batch-size"
+        )
+
+
 def image_array(image) -> np.ndarray:
     """A PIL image as uint8 [H, W, C] (C = 1 for grayscale, so every image has three axes)."""
     array = np.asarray(image, dtype=np.uint8)
@@ -117,30 +131,19 @@ class SequentialRunner:
     """
 
     def __init__(self, pipe, max_queue: int = 16):
-        if not isinstance(max_queue, int) or max_queue < 1:
-            raise HybridStitchError(f"max_queue must be a positive integer, got {max_queue!r}")
         self._pipe = pipe
-        self._max_queue = max_queue
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._max_queue = max_queue = checks.integer("max_queue", max_queue, 1)
+        self._queue: queue.Queue = queue.Queue()  # bounded by check_submit, under the lock
         self._lock = threading.Lock()  # orders submit against close: nothing is queued after close
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="hybridstitch-runner", daemon=True)
         self._worker.start()
 
     def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
-        if not isinstance(request, GenerationRequest):
-            raise HybridStitchError(f"submit takes a GenerationRequest, got {type(request).__name__}")
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            if self._closed:
-                raise HybridStitchError("the runner is closed (the server is shutting down); send the request again later")
-            try:
-                self._queue.put_nowait((request, future))
-            except queue.Full:
-                raise HybridStitchError(
-                    f"the server is busy: {self._max_queue} requests are already waiting; retry later, or start the "
-                    "server with a larger --max-batch-size"
-                ) from None
+            check_submit(request, self._closed, self._queue.qsize(), self._max_queue)
+            self._queue.put_nowait((request, future))
         return future
 
     def _work(self) -> None:
@@ -188,11 +191,8 @@ class BatchingRunner:
     def __init__(self, pipe, max_samples: int = 4, max_queue: int = 16):
         from ..scheduler import StepScheduler
 
-        for name, value in (("max_samples", max_samples), ("max_queue", max_queue)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise HybridStitchError(f"{name} must be a positive integer, got {value!r}")
         self._pipe = pipe
-        self._max_queue = max_queue
+        self._max_queue = max_queue = checks.integer("max_queue", max_queue, 1)
         self._scheduler = StepScheduler(pipe, max_samples=max_samples, max_queue=max_queue).start()
         self._lock = threading.Lock()  # orders submit against close, and the queue check against the put
         self._closed = False
@@ -203,16 +203,8 @@ class BatchingRunner:
         return self._scheduler.stats
 
     def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
-        if not isinstance(request, GenerationRequest):
-            raise HybridStitchError(f"submit takes a GenerationRequest, got {type(request).__name__}")
         with self._lock:
-            if self._closed:
-                raise HybridStitchError("the runner is closed (the server is shutting down); send the request again later")
-            if self._scheduler.queued >= self._max_queue:
-                raise HybridStitchError(
-                    f"the server is busy: {self._max_queue} requests are already waiting; retry later, or start the "
-                    "server with a larger --max-batch-size"
-                )
+            check_submit(request, self._closed, self._scheduler.queued, self._max_queue)
             try:
                 call = self._pipe.prepare(**call_arguments(request))
             except Exception as e:  # noqa: BLE001 - this request's own error (its prompt, its size): it fails alone
