@@ -36,7 +36,11 @@ PROMPTS = ("a handwritten 3", "a handwritten 7", "a handwritten 0", "a handwritt
 
 class EngineClock:
     """Seconds inside ONNX Runtime's session runs, timed around ``InferenceSession.run`` and
-    ``run_with_iobinding`` themselves (patched on the class: the same in any version of our code)."""
+    ``run_with_iobinding`` themselves (patched on the class: the same in any version of our code).
+
+    ``hybridstitch.bench.ort_runs`` has the same clock (and :func:`load` its engine export) for the
+    other benchmarks; this script keeps its own copies because ``--compare`` runs it inside older
+    checkouts, whose package has no such module."""
 
     def __init__(self):
         from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession

@@ -29,23 +29,6 @@ DESCRIPTION = "Requests/s of the step-level scheduler vs requests one after anot
 MIX = (("testbed-30", 20), ("testbed-10", 16), ("testbed-40", 24), ("testbed-srdiffusion", 20))
 
 
-class CallCounter:
-    """Counts ONNX Runtime session runs (patched on the class, around every run)."""
-
-    def __init__(self):
-        from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession
-
-        self.calls = 0
-        for name in ("run", "run_with_iobinding"):
-            original = getattr(InferenceSession, name)
-
-            def counted(*args, _original=original, **kwargs):
-                self.calls += 1
-                return _original(*args, **kwargs)
-
-            setattr(InferenceSession, name, counted)
-
-
 def requests(c: int) -> list[dict]:
     from hybridstitch.testbed.data import prompt_for
 
@@ -63,7 +46,7 @@ def fresh(reqs: list[dict]) -> list[dict]:
 
 
 def run_sequential(pipe, reqs, counter) -> tuple[float, int, list]:
-    counter.calls = 0
+    counter.reset()
     t0 = time.perf_counter()
     outs = [pipe(**r).images for r in fresh(reqs)]
     return time.perf_counter() - t0, counter.calls, outs
@@ -72,7 +55,7 @@ def run_sequential(pipe, reqs, counter) -> tuple[float, int, list]:
 def run_scheduled(pipe, reqs, counter) -> tuple[float, int, list, dict]:
     from hybridstitch.scheduler import StepScheduler
 
-    counter.calls = 0
+    counter.reset()
     scheduler = StepScheduler(pipe, max_samples=8)
     t0 = time.perf_counter()
     futures = [scheduler.submit(**r) for r in fresh(reqs)]
@@ -95,15 +78,11 @@ def main(argv=None) -> dict:
     from hybridstitch import HybridStitchPipeline
     from hybridstitch.bench.machine import describe_machine, machine_info
     from hybridstitch.bench.report import write_report
-    from hybridstitch.export import ExportRequest, export_engines
-    from hybridstitch.testbed import LARGE_DIR, SMALL_DIR
+    from hybridstitch.bench.ort_runs import OrtRuns, export_testbed_engines
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = os.path.join(tmp, "engines")
-        export_engines(ExportRequest(large=LARGE_DIR, small=SMALL_DIR, height=32, width=32, batch=8,
-                                     buckets=(0.1, 0.2, 0.3, 0.4)), folder, progress=False)
-        pipe = HybridStitchPipeline.from_engines(folder, num_threads=1)
-        counter = CallCounter()
+        pipe = HybridStitchPipeline.from_engines(export_testbed_engines(os.path.join(tmp, "engines")), num_threads=1)
+        counter = OrtRuns()
         run_sequential(pipe, requests(2), counter)  # warm-up
         rows = {c: [] for c in levels}
         for rep in range(args.reps):

@@ -39,8 +39,7 @@ def main(argv=None) -> dict:
     from hybridstitch.bench.machine import describe_machine, machine_info
     from hybridstitch.bench.report import write_report
     from hybridstitch.bench.timer import InterleavedTimer, ratio_summary, summary
-    from hybridstitch.export import ExportRequest, export_engines
-    from hybridstitch.testbed import LARGE_DIR, SMALL_DIR
+    from hybridstitch.bench.ort_runs import export_testbed_engines
 
     ap = argparse.ArgumentParser(description=DESCRIPTION)
     ap.add_argument("--method", default="testbed-30")
@@ -52,9 +51,7 @@ def main(argv=None) -> dict:
     kw = dict(prompt=[f"a handwritten {d}" for d in range(4)], config=args.method,
               num_inference_steps=args.steps, guidance_scale=1.25, output_type="latent", progress=False)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = os.path.join(tmp, "engines")
-        export_engines(ExportRequest(large=LARGE_DIR, small=SMALL_DIR, height=32, width=32, batch=8,
-                                     buckets=(0.1, 0.2, 0.3, 0.4)), folder, progress=False)
+        folder = export_testbed_engines(os.path.join(tmp, "engines"))
         pipes = {name: HybridStitchPipeline.from_engines(folder, num_threads=threads, concurrent_stage2=conc)
                  for name, (conc, threads) in SETUPS.items()}
         timer = InterleavedTimer(reps=args.reps, warmup=1, alternate=True, progress="stage2")
