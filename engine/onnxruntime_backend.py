@@ -288,7 +288,7 @@ class OrtLargeDenoiser(EngineLargeDenoiser):
         self.graph = graph
         self._scratch: dict[int, dict[str, torch.Tensor]] = {}  # rows -> cache inputs of full steps (overwritten)
         self._every: dict[int, torch.Tensor] = {}  # rows -> [rows, N] every position: the index of full steps
-        self._free: list[Caches] = []  # cache sets handed back (recycle): the next calls write there
+        self._free: list[Caches] = []  # at most one cache set handed back (recycle): the next call writes there
 
     def bucket_for(self, ratio: float, num_tokens: int) -> Bucket:
         """Exactly ``ceil(ratio * N)`` tokens: the graph takes any k, so no bucket rounds it up."""
@@ -311,7 +311,7 @@ class OrtLargeDenoiser(EngineLargeDenoiser):
         if any(c is caches for c in self._free):
             return
         self._free.append(caches)
-        del self._free[:-2]  # the alternation needs one free set; more would only hold memory
+        del self._free[:-1]  # the alternation needs one free set (the plan's kv_cache_spare); more would only hold memory
 
     def _new_caches(self, sizes: dict) -> Caches:
         """Buffers for a call's updated caches: a recycled set of the right size, else new tensors."""

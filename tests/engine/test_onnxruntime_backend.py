@@ -289,3 +289,27 @@ def test_fp16_engines(tiny_dirs, torch_pair, tmp_path):
     assert rel(got, want) < 1e-2
     idx = torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]])
     assert rel(es.large.forward_masked(x, pe, pooled, t, idx, caches)[0], large.forward_masked(x, pe, pooled, t, idx, ref)[0]) < 1e-2
+
+
+def test_steady_masked_steps_alternate_two_cache_sets_and_hold_one_spare(tiny_engines, tiny_pipe):
+    """The memory plan counts two cache sets per request (the one read, the one written): a run of
+    masked steps writes into the set the previous step replaced, holds at most one spare, and gives
+    the images a fresh run gives."""
+    pipe = HybridStitchPipeline.from_engines(tiny_engines[0], num_threads=1)
+    large = pipe.large
+    written = []
+    new_caches = large._new_caches
+
+    def recording(sizes):
+        out = new_caches(sizes)
+        written.append(next(iter(out.values())).data_ptr())
+        assert len(large._free) <= 1
+        return out
+
+    large._new_caches = recording
+    cfg = StitchConfig(mask_ratios=(0.3,), thresholds=(float("inf"), 0.0))  # 2 large steps, then masked to the end
+    got = _run(pipe, cfg)
+    masked_writes = written[2:]  # after the two full steps
+    assert len(masked_writes) == STEPS - 2 and len(set(masked_writes)) <= 2
+    assert len(large._free) <= 1
+    assert rel(got.images, _run(tiny_pipe, cfg).images) < 1e-5
